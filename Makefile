@@ -1,0 +1,42 @@
+# hueyserve: `make run` starts the whole stack, `make test` installs and runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# make load: bounded headless locust run against the running stack
+USERS ?= 20
+SPAWN_RATE ?= 10
+DURATION ?= 30s
+
+.PHONY: install install-dev run test load lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(VENV)/.runtime $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+run: install
+	$(PY) -m hueyserve.stack --host $(HOST) --port $(PORT)
+
+test: install-dev
+	$(PY) -m pytest
+
+load: install-dev
+	mkdir -p reports
+	$(PY) -m locust -f locustfile.py --headless --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		--run-time $(DURATION) --stop-timeout 10 --host http://$(HOST):$(PORT) \
+		--csv reports/load --html reports/load.html --only-summary
+
+clean:
+	rm -rf $(VENV) .pytest_cache reports

@@ -1,0 +1,158 @@
+"""The Huey instance and every task. Workers run: `huey_consumer core.huey -k thread -w 4`.
+
+Importing this module builds `huey` and empty in-process state; it connects to nothing and
+loads no model. The worker's startup hook bootstraps the demo model, promotes the newest
+versions and starts the heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+from huey import PriorityRedisExpireHuey, crontab, signals
+from huey.api import Task
+from redis import ConnectionPool
+
+from hueyserve import catalog
+from hueyserve.cache import PredictionCache, cache_key
+from hueyserve.heartbeat import Heartbeat
+from hueyserve.jobs import JobRecorder
+from hueyserve.registry import ModelRegistry
+from hueyserve.settings import settings
+from hueyserve.store import ModelStore
+from hueyserve.training import ensure_demo_models
+from hueyserve.worker_logging import configure_worker_logging
+
+logger = logging.getLogger(__name__)
+
+huey = PriorityRedisExpireHuey(
+    name=settings.queue_name,
+    expire_time=settings.result_ttl_s,
+    notify_result=True,
+    notify_result_ttl=settings.result_ttl_s,
+    # The consumer blocks on BZPOPMIN for 1 s, so the read timeout must be longer than that.
+    connection_pool=ConnectionPool.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        socket_timeout=5.0,
+        health_check_interval=30,
+    ),
+)
+
+store = ModelStore(settings.model_dir)
+registry = ModelRegistry(store)
+worker_cache = PredictionCache(settings.cache_size)
+jobs = JobRecorder(huey.storage.conn, ttl_s=settings.result_ttl_s)
+heartbeat = Heartbeat(
+    huey.storage.conn,
+    interval_s=settings.heartbeat_interval_s,
+    ttl_s=settings.heartbeat_ttl_s,
+)
+_startup_lock = threading.Lock()
+_started = False
+
+
+@huey.task(
+    retries=settings.retries,
+    retry_delay=settings.retry_delay_s,
+    retry_backoff=settings.retry_backoff,
+    timeout=settings.predict_timeout_s,
+    name="predict",
+)
+def predict(model: str, version: str, instances: list[list[float]]) -> list[Any]:
+    """Predictions of `model` at `version` for each instance, from the worker's cache if seen."""
+    features = np.asarray(instances, dtype=np.float64)
+    key = cache_key(model, version, features)
+    cached = worker_cache.get(key)
+    if cached is not None:
+        return cached
+    predictions = registry.get(model, version).predict(features)
+    worker_cache.put(key, predictions)
+    return predictions
+
+
+@huey.periodic_task(crontab(*settings.refresh_cron.split()), priority=100, name="refresh_models")
+def refresh_models() -> dict[str, str]:
+    """Promote the newest complete version of every model in the store; returns what changed."""
+    ensure_demo_models(store)
+    conn = huey.storage.conn
+    promoted: dict[str, str] = {}
+    for name in store.names():
+        latest = store.latest(name)
+        if latest is None or latest == catalog.active_version(conn, name):
+            continue
+        try:
+            loaded = registry.get(name, latest)  # refuse a version that does not load
+        except Exception:
+            logger.exception("model %s version %s does not load; keeping the old one", name, latest)
+            continue
+        catalog.publish(conn, catalog.ActiveModel(name, latest, loaded.metadata))
+        logger.info("model %s: promoted version %s", name, latest)
+        promoted[name] = latest
+    return promoted
+
+
+@huey.on_startup()
+def start_worker() -> None:
+    """Once per consumer process (the hook runs in every worker thread)."""
+    global _started
+    with _startup_lock:
+        if _started:
+            return
+        configure_worker_logging(settings.log_dir)
+        refresh_models.call_local()
+        for name, version in _active_versions().items():
+            registry.get(name, version)  # warm: the first request should not pay the load
+        heartbeat.start()
+        _started = True
+
+
+@huey.on_shutdown()
+def stop_worker() -> None:
+    global _started
+    with _startup_lock:
+        heartbeat.stop()
+        _started = False
+
+
+def _active_versions() -> dict[str, str]:
+    conn = huey.storage.conn
+    versions = {}
+    for name in store.names():
+        version = catalog.active_version(conn, name)
+        if version is not None:
+            versions[name] = version
+    return versions
+
+
+# --- job records follow the predict task through Huey's signals ---------------------------
+
+
+def _is_predict(task: Task) -> bool:
+    return isinstance(task, predict.task_class)
+
+
+@huey.signal(signals.SIGNAL_EXECUTING)
+def _on_executing(signal: str, task: Task) -> None:
+    if _is_predict(task):
+        jobs.running(task.id)
+
+
+@huey.signal(signals.SIGNAL_COMPLETE)
+def _on_complete(signal: str, task: Task) -> None:
+    if _is_predict(task):
+        jobs.done(task.id)
+
+
+@huey.signal(signals.SIGNAL_ERROR, signals.SIGNAL_TIMEOUT)
+def _on_error(signal: str, task: Task, exc: BaseException | None = None) -> None:
+    if not _is_predict(task):
+        return
+    reason = f"timed out after {task.timeout}s" if exc is None else f"{type(exc).__name__}: {exc}"
+    if task.retries:  # Huey retries it; the record says why the last attempt failed
+        jobs.retrying(task.id, reason)
+    else:
+        jobs.failed(task.id, reason)

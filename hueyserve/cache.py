@@ -1,0 +1,64 @@
+"""The prediction LRU shared by the API (before enqueueing) and each worker (before computing).
+
+Keys are (model, version, canonical input): the input as a float64 array's shape and bytes, so
+`1` and `1.0` hit the same entry, and a new model version can never hit an old answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+from cachetools import LRUCache
+
+CacheKey = tuple[Hashable, ...]
+
+
+def cache_key(model: str, version: str, features: np.ndarray) -> CacheKey:
+    canonical = np.ascontiguousarray(features, dtype=np.float64)
+    return (model, version, canonical.shape, canonical.tobytes())
+
+
+class PredictionCache:
+    """A thread-safe LRU with hit and miss counters; `maxsize=0` turns it off."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._entries: LRUCache[CacheKey, list[Any]] = LRUCache(maxsize=max(maxsize, 1))
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: CacheKey) -> list[Any] | None:
+        if self.maxsize == 0:
+            return None
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return value
+
+    def put(self, key: CacheKey, predictions: list[Any]) -> None:
+        if self.maxsize:
+            with self._lock:
+                self._entries[key] = predictions
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            lookups = self.hits + self.misses
+            return {
+                "size": len(self._entries),
+                "maxsize": self.maxsize,
+                "hits": self.hits,
+                "misses": self.misses,
+                "hit_rate": round(self.hits / lookups, 4) if lookups else None,
+            }

@@ -1,0 +1,103 @@
+"""Domain errors; each knows its HTTP status, and main.py maps them to responses in one place.
+
+    ServiceError (500)
+    ├── BadRequest (400)            malformed JSON, unreadable body
+    ├── NotFound (404)
+    │   ├── ModelNotFound
+    │   └── JobNotFound
+    ├── PayloadTooLarge (413)       too many instances
+    ├── InvalidInput (422)          wrong shape, type or non-finite number
+    ├── ServiceUnavailable (503)    Redis down, model not loaded yet
+    ├── PredictTimeout (504)        sync wait ran out; carries the job id
+    └── PredictionFailed (500)      the task failed after its retries
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base class; `status_code` is the HTTP status, `message` says what to do."""
+
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, name: str, known: list[str]) -> None:
+        choices = ", ".join(sorted(known)) or "none loaded yet"
+        super().__init__(f"unknown model {name!r}; available models: {choices}")
+
+
+class JobNotFound(NotFound):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}: the id is wrong or its result has expired")
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+
+
+class InvalidInput(ServiceError):
+    status_code = 422
+
+
+class ServiceUnavailable(ServiceError):
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class RedisUnavailable(ServiceUnavailable):
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"the queue (Redis) is unreachable, try again shortly: {cause}")
+
+
+class PredictTimeout(ServiceError):
+    status_code = 504
+
+    def __init__(self, job_id: str, timeout_s: float) -> None:
+        super().__init__(
+            f"no result within {timeout_s:g}s; the job goes on: GET /v1/jobs/{job_id}"
+        )
+        self.job_id = job_id
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "job_id": self.job_id}
+
+    def headers(self) -> dict[str, str]:
+        return {"Location": f"/v1/jobs/{self.job_id}"}
+
+
+class PredictionFailed(ServiceError):
+    status_code = 500
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"prediction failed (job {job_id}): {reason}")
+        self.job_id = job_id
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "job_id": self.job_id}

@@ -1,0 +1,67 @@
+"""Worker heartbeats: each consumer process reports in every few seconds; readiness reads them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker id -> unix time of its last beat
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def beat(conn: redis.Redis, *, ttl_s: float) -> None:
+    """Record this process as alive and drop workers silent for longer than `ttl_s`."""
+    now = time.time()
+    with conn.pipeline() as pipe:
+        pipe.zadd(HEARTBEATS_KEY, {worker_id(): now})
+        pipe.zremrangebyscore(HEARTBEATS_KEY, "-inf", now - ttl_s)
+        pipe.execute()
+
+
+class Heartbeat:
+    """A daemon thread that beats until stopped; start() and stop() are idempotent."""
+
+    def __init__(self, conn: redis.Redis, *, interval_s: float, ttl_s: float) -> None:
+        self.conn = conn
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(timeout=self.interval_s + 1)
+            self._thread = None
+        try:
+            self.conn.zrem(HEARTBEATS_KEY, worker_id())
+        except redis.RedisError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                beat(self.conn, ttl_s=self.ttl_s)
+            except redis.RedisError as exc:
+                logger.warning("heartbeat failed: %s", exc)
+            self._stop.wait(self.interval_s)

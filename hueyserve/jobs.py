@@ -1,0 +1,74 @@
+"""Job records: what happened to each predict task, kept in Redis beside Huey's results.
+
+Huey keeps only the result; a record adds status, timestamps, attempts and the last error, so
+`GET /v1/jobs/{id}` can say `queued` or `running` before there is a result. The API writes the
+record in the same transaction that enqueues the task; the worker updates it from Huey signals.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any
+
+import redis
+
+JOB_KEY_PREFIX = "hueyserve:job:"  #: + job id -> hash of the fields below, TTL = result TTL
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"  #: waiting in the queue, or for its next retry
+    RUNNING = "running"  #: a worker is computing it
+    DONE = "done"  #: finished; the result is there to read
+    FAILED = "failed"  #: gave up after its retries; `error` says why
+
+
+def job_key(job_id: str) -> str:
+    return JOB_KEY_PREFIX + job_id
+
+
+def new_record(
+    *, job_id: str, model: str, version: str, priority: int, n_instances: int
+) -> dict[str, str | int | float]:
+    return {
+        "id": job_id,
+        "model": model,
+        "version": version,
+        "priority": priority,
+        "instances": n_instances,
+        "status": JobStatus.QUEUED.value,
+        "attempts": 0,
+        "created_at": time.time(),
+    }
+
+
+class JobRecorder:
+    """Worker-side updates of job records (synchronous Redis, called from Huey signals)."""
+
+    def __init__(self, conn: redis.Redis, *, ttl_s: int) -> None:
+        self.conn = conn
+        self.ttl_s = ttl_s
+
+    def running(self, job_id: str) -> None:
+        self._update(job_id, {"status": JobStatus.RUNNING.value, "started_at": time.time()}, 1)
+
+    def done(self, job_id: str) -> None:
+        self._update(job_id, {"status": JobStatus.DONE.value, "finished_at": time.time()})
+
+    def failed(self, job_id: str, error: str) -> None:
+        fields = {"status": JobStatus.FAILED.value, "finished_at": time.time(), "error": error}
+        self._update(job_id, fields)
+
+    def retrying(self, job_id: str, error: str) -> None:
+        self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error})
+
+    def _update(self, job_id: str, fields: dict[str, Any], attempts: int = 0) -> None:
+        key = job_key(job_id)
+        with self.conn.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            if attempts:
+                pipe.hincrby(key, "attempts", attempts)
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()

@@ -1,0 +1,105 @@
+"""The API's asyncio client for Huey's Redis storage: enqueue, wait for, and read tasks.
+
+Huey's own client is synchronous and would block the event loop; this one speaks the same
+storage format (Huey's serializer, its queue, result and notification keys) over redis.asyncio
+with short timeouts, so a Redis outage becomes a 503 in about a second instead of a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from huey import Huey
+from huey.api import Task
+from huey.constants import EmptyData
+
+from hueyserve.errors import RedisUnavailable
+from hueyserve.jobs import job_key
+
+
+@contextlib.asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """Turn any Redis or socket failure into the 503 the client should see."""
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        raise RedisUnavailable(exc) from exc
+
+
+class TaskQueue:
+    """Enqueue Huey tasks with their job record, and wait for their results, without threads."""
+
+    def __init__(
+        self,
+        huey: Huey,
+        *,
+        url: str,
+        connect_timeout_s: float,
+        socket_timeout_s: float,
+        record_ttl_s: int,
+    ) -> None:
+        self.huey = huey
+        self.storage = huey.storage
+        self.record_ttl_s = record_ttl_s
+        self.client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s
+        )
+        # Waiters block in BLPOP for as long as they wait, so no socket timeout there.
+        self.waiter = aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.waiter.aclose()
+
+    async def enqueue(self, task: Task, record: dict[str, Any]) -> None:
+        """Put `task` on Huey's priority queue and write its job record, atomically."""
+        data = self.huey.serialize_task(task)
+        # Same member layout as huey's RedisPriorityQueue: a microsecond prefix keeps FIFO order
+        # within a priority; the score is the negated priority (ZPOPMIN takes the highest).
+        member = struct.pack(">Q", time.time_ns() // 1000) + data
+        async with redis_errors(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key(task.id), mapping=record)
+            pipe.expire(job_key(task.id), self.record_ttl_s)
+            pipe.zadd(self.storage.queue_key, {member: -(task.priority or 0)})
+            await pipe.execute()
+
+    async def wait(self, task_id: str, timeout_s: float) -> bool:
+        """True once the task's result is stored (Huey's notification), False on timeout."""
+        notify_key = self.storage.notify_prefix + task_id
+        async with redis_errors():
+            popped = await self.waiter.blpop([notify_key], timeout=max(timeout_s, 0.01))
+            if popped is not None:
+                await self.client.delete(notify_key)
+                return True
+            return bool(await self.client.exists(self.storage.result_key(task_id)))
+
+    async def result(self, task_id: str) -> Any:
+        """The stored result (a value, or huey's `Error`), or EmptyData when there is none."""
+        async with redis_errors():
+            raw = await self.client.get(self.storage.result_key(task_id))
+        return EmptyData if raw is None else self.huey.serializer.deserialize(raw)
+
+    async def job(self, task_id: str) -> tuple[dict[str, str], Any]:
+        """The job record (empty when unknown) and the result (EmptyData when none yet)."""
+        async with redis_errors(), self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(job_key(task_id))
+            pipe.get(self.storage.result_key(task_id))
+            record, raw = await pipe.execute()
+        fields = {k.decode(): v.decode() for k, v in record.items()}
+        return fields, EmptyData if raw is None else self.huey.serializer.deserialize(raw)
+
+    async def ping_ms(self) -> float:
+        start = time.perf_counter()
+        async with redis_errors():
+            await self.client.ping()
+        return (time.perf_counter() - start) * 1000
+
+    async def depth(self) -> int:
+        async with redis_errors():
+            return int(await self.client.zcard(self.storage.queue_key))

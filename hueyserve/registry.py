@@ -1,0 +1,64 @@
+"""Models loaded in one worker process, by (name, version), loaded from the store on first use.
+
+Tasks always name the exact version to use (the API resolved it), so a refresh that promotes a
+new version never changes the answer of a task already queued for the old one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cachetools import LRUCache
+
+from hueyserve.store import ModelStore
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An estimator ready to predict, with the metadata it was saved with."""
+
+    name: str
+    version: str
+    estimator: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, features: np.ndarray) -> list[Any]:
+        return list(self.estimator.predict(features).tolist())
+
+
+class ModelRegistry:
+    """Per-process model cache in front of a ModelStore; safe across worker threads."""
+
+    def __init__(self, store: ModelStore, *, max_loaded: int = 8) -> None:
+        self.store = store
+        self._loaded: LRUCache[tuple[str, str], LoadedModel] = LRUCache(maxsize=max_loaded)
+        self._pinned: dict[tuple[str, str], LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, version: str) -> LoadedModel:
+        """The model `name` at `version`, loading it from disk if this process has not yet."""
+        key = (name, version)
+        with self._lock:  # one load at a time: a forest takes ~0.2 s and lots of memory
+            model = self._pinned.get(key) or self._loaded.get(key)
+            if model is None:
+                estimator = self.store.load(name, version)
+                model = LoadedModel(name, version, estimator, self.store.metadata(name, version))
+                self._loaded[key] = model
+            return model
+
+    def register(self, model: LoadedModel) -> None:
+        """Serve an in-memory model (custom code, tests) alongside the store's files."""
+        with self._lock:
+            self._pinned[(model.name, model.version)] = model
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._pinned if k[0] == name]:
+                del self._pinned[key]
+
+    def loaded(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted({*self._loaded.keys(), *self._pinned.keys()})

@@ -1,0 +1,87 @@
+"""All configuration, read once from the environment (and an optional `.env` file).
+
+Every setting is listed in the README. Names are the field names upper-cased with the
+`HUEYSERVE_` prefix, except `REDIS_URL`, which keeps its conventional name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Typed settings; one instance, `settings`, is shared by every module."""
+
+    model_config = SettingsConfigDict(env_prefix="HUEYSERVE_", env_file=".env", extra="ignore")
+
+    # --- Redis ---------------------------------------------------------------------------
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "HUEYSERVE_REDIS_URL"),
+        description="Redis server for the queue, results and job records.",
+    )
+    embedded_redis_port: int = Field(
+        6399, description="`make run` without REDIS_URL: port of the embedded redis-server."
+    )
+    redis_connect_timeout_s: float = Field(0.5, gt=0, description="TCP connect timeout to Redis.")
+    redis_socket_timeout_s: float = Field(
+        1.0, gt=0, description="API side: longest wait for a Redis reply before answering 503."
+    )
+
+    # --- Queue ---------------------------------------------------------------------------
+    queue_name: str = Field("hueyserve", description="Huey queue name; separates deployments.")
+    result_ttl_s: int = Field(3600, gt=0, description="How long results and job records live.")
+    predict_timeout_s: float = Field(30.0, gt=0, description="Default and maximum sync wait.")
+    sync_priority: int = Field(10, description="Default priority of blocking predicts.")
+    async_priority: int = Field(5, description="Default priority of async jobs.")
+    retries: int = Field(2, ge=0, description="Retries of a failed predict task.")
+    retry_delay_s: float = Field(1.0, ge=0, description="Delay before the first retry.")
+    retry_backoff: float = Field(2.0, ge=1, description="Each next retry waits this many times longer.")
+
+    # --- Workers -------------------------------------------------------------------------
+    workers: int = Field(4, ge=1, description="Worker threads of the consumer `make run` starts.")
+    worker_type: str = Field("thread", description="Huey worker type: thread, process or greenlet.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker reports in.")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long is gone.")
+
+    # --- Models and cache ----------------------------------------------------------------
+    model_dir: Path = Field(Path("models"), description="Model store: <dir>/<name>/<version>/.")
+    refresh_cron: str = Field("* * * * *", description="Crontab (m h dom mon dow) of model refresh.")
+    cache_size: int = Field(10_000, ge=0, description="LRU entries (API and each worker); 0 = off.")
+    max_instances: int = Field(1000, ge=1, description="Most instances in one request (413 past it).")
+    catalog_resync_s: float = Field(5.0, gt=0, description="API: full reread of active models.")
+
+    # --- Logs ------------------------------------------------------------------------------
+    log_dir: Path = Field(Path("logs"), description="Rotating log files go here.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}"
+            )
+        return value
+
+    @field_validator("worker_type")
+    @classmethod
+    def _check_worker_type(cls, value: str) -> str:
+        if value not in {"thread", "process", "greenlet"}:
+            raise ValueError("HUEYSERVE_WORKER_TYPE must be thread, process or greenlet")
+        return value
+
+    @field_validator("refresh_cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(
+                "HUEYSERVE_REFRESH_CRON needs five fields (minute hour day month weekday), "
+                f"got {value!r}"
+            )
+        return value
+
+
+settings = Settings()
