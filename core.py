@@ -33,6 +33,8 @@ huey = PriorityRedisExpireHuey(
     expire_time=settings.result_ttl_s,
     notify_result=True,
     notify_result_ttl=settings.result_ttl_s,
+    # A failed attempt that will be retried must not wake the waiter with an error.
+    store_intermediate_errors=False,
     # The consumer blocks on BZPOPMIN for 1 s, so the read timeout must be longer than that.
     connection_pool=ConnectionPool.from_url(
         settings.redis_url,
@@ -50,6 +52,7 @@ heartbeat = Heartbeat(
     huey.storage.conn,
     interval_s=settings.heartbeat_interval_s,
     ttl_s=settings.heartbeat_ttl_s,
+    on_beat=lambda: republish_if_lost(),
 )
 _startup_lock = threading.Lock()
 _started = False
@@ -116,6 +119,14 @@ def stop_worker() -> None:
     with _startup_lock:
         heartbeat.stop()
         _started = False
+
+
+def republish_if_lost() -> None:
+    """A Redis restarted without its data forgets the active models: publish them again now
+    rather than at the next scheduled refresh."""
+    if not huey.storage.conn.exists(catalog.MODELS_KEY):
+        logger.warning("the active-model index is gone from Redis; republishing")
+        refresh_models.call_local()
 
 
 def _active_versions() -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis import RedisError
 
 import core
 from hueyserve.cache import PredictionCache
@@ -45,6 +46,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cache=PredictionCache(settings.cache_size),
         task=core.predict,
     )
+    with contextlib.suppress(ServiceError, RedisError, OSError):
+        await catalog.resync()  # answer the first request with models known; else follow() retries
     follower = asyncio.create_task(catalog.follow(), name="model-catalog")
     try:
         yield

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -29,10 +30,22 @@ def beat(conn: redis.Redis, *, ttl_s: float) -> None:
 
 
 class Heartbeat:
-    """A daemon thread that beats until stopped; start() and stop() are idempotent."""
+    """A daemon thread that beats until stopped; start() and stop() are idempotent.
 
-    def __init__(self, conn: redis.Redis, *, interval_s: float, ttl_s: float) -> None:
+    `on_beat` runs after each beat: a cheap place for checks that must happen every few
+    seconds rather than every minute (such as republishing models after Redis lost them).
+    """
+
+    def __init__(
+        self,
+        conn: redis.Redis,
+        *,
+        interval_s: float,
+        ttl_s: float,
+        on_beat: Callable[[], object] | None = None,
+    ) -> None:
         self.conn = conn
+        self.on_beat = on_beat
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self._stop = threading.Event()
@@ -62,6 +75,10 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 beat(self.conn, ttl_s=self.ttl_s)
+                if self.on_beat is not None:
+                    self.on_beat()
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)
+            except Exception:
+                logger.exception("heartbeat check failed")
             self._stop.wait(self.interval_s)

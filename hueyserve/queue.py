@@ -18,6 +18,8 @@ import redis.asyncio as aioredis
 from huey import Huey
 from huey.api import Task
 from huey.constants import EmptyData
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from hueyserve.errors import RedisUnavailable
 from hueyserve.jobs import job_key
@@ -30,6 +32,13 @@ async def redis_errors() -> AsyncIterator[None]:
         yield
     except (redis.RedisError, OSError) as exc:
         raise RedisUnavailable(exc) from exc
+
+
+def fail_fast_retry() -> Retry:
+    """One immediate retry on a dropped connection (a pooled socket gone stale after a Redis
+    restart), none on timeouts: redis-py's default (10 retries, backoff up to 1 s) would turn
+    an outage into multi-second hangs."""
+    return Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,))
 
 
 class TaskQueue:
@@ -48,10 +57,15 @@ class TaskQueue:
         self.storage = huey.storage
         self.record_ttl_s = record_ttl_s
         self.client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=socket_timeout_s,
+            retry=fail_fast_retry(),
         )
         # Waiters block in BLPOP for as long as they wait, so no socket timeout there.
-        self.waiter = aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s)
+        self.waiter = aioredis.Redis.from_url(
+            url, socket_connect_timeout=connect_timeout_s, retry=fail_fast_retry()
+        )
 
     async def aclose(self) -> None:
         await self.client.aclose()

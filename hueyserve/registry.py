@@ -59,6 +59,12 @@ class ModelRegistry:
             for key in [k for k in self._pinned if k[0] == name]:
                 del self._pinned[key]
 
+    def clear(self) -> None:
+        """Forget every model (tests; a store pointed elsewhere)."""
+        with self._lock:
+            self._loaded.clear()
+            self._pinned.clear()
+
     def loaded(self) -> list[tuple[str, str]]:
         with self._lock:
             return sorted({*self._loaded.keys(), *self._pinned.keys()})

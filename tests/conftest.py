@@ -1,0 +1,196 @@
+"""Test session: a real redis-server on a free port, real Huey consumers, the real app.
+
+The environment is set here, at import, before anything imports `core` or `main`: both read
+settings when imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from hueyserve.redis_server import EmbeddedRedis, free_port
+
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="hueyserve-tests-"))
+REDIS_PORT = free_port()
+os.environ.update(
+    {
+        "REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
+        "HUEYSERVE_MODEL_DIR": str(SESSION_DIR / "models"),
+        "HUEYSERVE_LOG_DIR": str(SESSION_DIR / "logs"),
+        "HUEYSERVE_HEARTBEAT_INTERVAL_S": "0.5",
+        "HUEYSERVE_HEARTBEAT_TTL_S": "3",
+        "HUEYSERVE_CATALOG_RESYNC_S": "1",
+        "HUEYSERVE_PREDICT_TIMEOUT_S": "15",
+    }
+)
+
+import core  # noqa: E402  (after the environment above)
+import main  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from hueyserve import catalog  # noqa: E402
+from hueyserve.registry import LoadedModel  # noqa: E402
+from hueyserve.training import ensure_demo_models  # noqa: E402
+from hueyserve.store import ModelStore  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """One throw-away redis-server for the session (no persistence)."""
+    server = EmbeddedRedis(port=REDIS_PORT)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_conn(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A client on the session server, flushed before and after each test."""
+    conn = redis.Redis(port=redis_server.port)
+    conn.flushall()
+    try:
+        yield conn
+    finally:
+        if redis_server.process is not None and redis_server.process.poll() is None:
+            conn.flushall()
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> Path:
+    """The demo model trained once per session; tests get copies."""
+    root = SESSION_DIR / "demo-models"
+    ensure_demo_models(ModelStore(root))
+    return root
+
+
+@pytest.fixture
+def model_store(demo_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelStore:
+    """A private copy of the demo store behind core.store, and empty in-process caches."""
+    root = tmp_path / "models"
+    shutil.copytree(demo_models, root)
+    monkeypatch.setattr(core.store, "root", root)
+    core.registry.clear()
+    core.worker_cache.clear()
+    return core.store
+
+
+@pytest.fixture
+def consumer_factory(
+    redis_conn: redis.Redis, model_store: ModelStore
+) -> Iterator[Callable[..., Any]]:
+    """Start Huey's own consumer in this process; stopped gracefully at the end of the test."""
+    started = []
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def start(workers: int = 2) -> Any:
+        consumer = core.huey.create_consumer(
+            workers=workers,
+            periodic=False,
+            initial_delay=0.001,
+            max_delay=0.01,
+            scheduler_interval=1,
+            check_worker_health=False,
+        )
+        consumer.start()
+        started.append(consumer)
+        wait_for(lambda: redis_conn.exists(catalog.MODELS_KEY), "the worker published its models")
+        return consumer
+
+    yield start
+    for consumer in started:
+        consumer.stop(graceful=True)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def consumer(consumer_factory: Callable[..., Any]) -> Any:
+    return consumer_factory(workers=2)
+
+
+@pytest.fixture
+def client(consumer: Any) -> Iterator[TestClient]:
+    """The real app (lifespan included) with two in-process workers behind it."""
+    with TestClient(main.app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def serve_model(
+    redis_conn: redis.Redis,
+) -> Iterator[Callable[..., None]]:
+    """Serve a test-only in-memory model through the real queue: register it in this process's
+    workers and publish it, as the refresh task would for a model on disk."""
+    names = []
+
+    def serve(name: str, estimator: Any, *, n_features: int, client: TestClient) -> None:
+        metadata = {"n_features": n_features, "features": [f"x{i}" for i in range(n_features)]}
+        core.registry.register(LoadedModel(name, "1", estimator, metadata))
+        catalog.publish(redis_conn, catalog.ActiveModel(name, "1", metadata))
+        names.append(name)
+        service = client.app.state.service  # type: ignore[attr-defined]
+        wait_for(lambda: name in service.catalog.models, f"the API sees model {name!r}")
+
+    yield serve
+    for name in names:
+        core.registry.unregister(name)
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
+    """Poll `condition` until it is truthy; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class GateModel:
+    """Test-only model: the first call blocks until `release` is set; every call is logged.
+
+    Predicts the first feature of each row, so the log shows which job ran when.
+    """
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.calls: list[float] = []
+        self._lock = threading.Lock()
+
+    def predict(self, features: Any) -> Any:
+        with self._lock:
+            self.calls.append(float(features[0][0]))
+        self.started.set()
+        self.release.wait(timeout=30)
+        return features[:, 0]
+
+
+class FlakyModel:
+    """Test-only model: fails its first `failures` calls, then sums each row."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def predict(self, features: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(f"flaky failure {self.calls}")
+        return features.sum(axis=1)

@@ -1,0 +1,253 @@
+"""The HTTP API end to end: real Redis, Huey's consumer in-process, the real app."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+import core
+from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve.settings import settings
+from hueyserve.store import ModelStore
+from hueyserve.training import train_diabetes
+from tests.conftest import FlakyModel, GateModel, wait_for
+
+PREDICT = "/v1/models/diabetes:predict"
+
+
+def poll_job(client: TestClient, job_id: str, status: str = "done") -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        return body if body["status"] == status else None
+
+    result: dict[str, Any] = wait_for(finished, f"job {job_id} to be {status}")
+    return result
+
+
+def test_sync_predict_matches_model(client: TestClient, model_store: ModelStore) -> None:
+    response = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    direct = model_store.load("diabetes", "1").predict(np.array(EXAMPLE_ROWS))
+    assert body["predictions"] == direct.tolist()
+    assert (body["model_name"], body["model_version"]) == ("diabetes", "1")
+    assert response.headers["X-Cache"] == "miss"
+
+
+def test_async_submit_poll_returns_sync_value(client: TestClient) -> None:
+    sync = client.post(PREDICT, json={"instances": EXAMPLE_ROWS[:1]}).json()
+    accepted = client.post(
+        PREDICT, json={"instances": EXAMPLE_ROWS[:1]}, headers={"Prefer": "respond-async"}
+    )
+    assert accepted.status_code == 202
+    job_id = accepted.json()["job_id"]
+    assert accepted.headers["Location"] == f"/v1/jobs/{job_id}"
+    job = poll_job(client, job_id)
+    assert job["result"] == {"predictions": sync["predictions"]}
+    assert job["attempts"] == 1 and job["created_at"] <= job["started_at"] <= job["finished_at"]
+    # readable again, as often as wanted
+    assert client.get(f"/v1/jobs/{job_id}").json()["result"] == job["result"]
+
+
+def test_jobs_endpoint_submits_explicitly(client: TestClient) -> None:
+    accepted = client.post("/v1/jobs", json={"model": "diabetes", "instances": EXAMPLE_ROWS})
+    assert accepted.status_code == 202
+    job = poll_job(client, accepted.json()["job_id"])
+    assert len(job["result"]["predictions"]) == 2
+    assert job["priority"] == settings.async_priority
+
+
+def test_cache_hit_skips_enqueue(client: TestClient, redis_conn: redis.Redis) -> None:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    first = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    enqueued = service.enqueued
+    # same values written differently: ints vs floats are the same canonical input
+    second = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    assert second.headers["X-Cache"] == "hit"
+    assert "X-Job-Id" not in second.headers
+    assert second.json() == first.json()
+    assert service.enqueued == enqueued
+    assert client.get("/health").json()["cache"]["hits"] == 1
+
+
+def test_high_priority_runs_first(
+    consumer_factory: Any, serve_model: Any, redis_conn: redis.Redis
+) -> None:
+    consumer_factory(workers=1)
+    gate = GateModel()
+    with TestClient(main_app()) as client:
+        serve_model("gate", gate, n_features=1, client=client)
+        blocker = submit(client, "gate", 0.0, priority=0)
+        assert gate.started.wait(10), "the only worker never started the blocking job"
+        low = [submit(client, "gate", float(i), priority=1) for i in (1, 2, 3)]
+        high = submit(client, "gate", 9.0, priority=90)
+        gate.release.set()
+        for job_id in [blocker, *low, high]:
+            poll_job(client, job_id)
+    assert gate.calls == [0.0, 9.0, 1.0, 2.0, 3.0]
+
+
+def test_failed_attempt_is_retried(client: TestClient, serve_model: Any) -> None:
+    flaky = FlakyModel(failures=1)
+    serve_model("flaky", flaky, n_features=2, client=client)
+    response = client.post("/v1/models/flaky:predict", json={"instances": [[1, 2]]})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == [3.0]
+    job = client.get(f"/v1/jobs/{response.headers['X-Job-Id']}").json()
+    assert job["attempts"] == 2 and job["status"] == "done"
+
+
+def test_failure_after_retries_is_reported(client: TestClient, serve_model: Any) -> None:
+    serve_model("broken", FlakyModel(failures=99), n_features=1, client=client)
+    accepted = client.post("/v1/jobs", json={"model": "broken", "instances": [[1]]})
+    job = poll_job(client, accepted.json()["job_id"], status="failed")
+    assert "flaky failure 3" in job["error"]
+    assert job["attempts"] == 1 + settings.retries
+
+
+def test_refresh_serves_new_version_without_stale_cache(
+    client: TestClient, model_store: ModelStore
+) -> None:
+    old = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    assert client.post(PREDICT, json={"instances": EXAMPLE_ROWS}).headers["X-Cache"] == "hit"
+    model, metadata = train_diabetes(n_estimators=5, random_state=1)
+    assert model_store.save("diabetes", model, metadata) == "2"
+    core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute
+    service = client.app.state.service  # type: ignore[attr-defined]
+    wait_for(lambda: service.catalog.get("diabetes").version == "2", "the API to see version 2")
+    new = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    assert new.headers["X-Cache"] == "miss" and new.headers["X-Model-Version"] == "2"
+    assert new.json()["predictions"] == model.predict(np.array(EXAMPLE_ROWS)).tolist()
+    assert new.json()["predictions"] != old.json()["predictions"]
+
+
+def test_sync_timeout_answers_504_and_job_completes(client: TestClient, serve_model: Any) -> None:
+    gate = GateModel()
+    serve_model("slow", gate, n_features=1, client=client)
+    response = client.post("/v1/models/slow:predict", json={"instances": [[4]], "timeout": 0.3})
+    assert response.status_code == 504
+    job_id = response.json()["job_id"]
+    assert response.headers["Location"] == f"/v1/jobs/{job_id}"
+    gate.release.set()
+    assert poll_job(client, job_id)["result"] == {"predictions": [4.0]}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"instances": [[1, 2]]}, 422, "expects 10"),
+        ({"instances": [EXAMPLE_ROWS[0], [1.0]]}, 422, "instances[1] has 1 features"),
+        ({"instances": [["a"] * 10]}, 422, "instances[0][0]"),
+        ({"instances": [[True] * 10]}, 422, "valid number"),
+        ({"instances": [[None] * 10]}, 422, "valid number"),
+        ({"instances": []}, 422, "at least 1"),
+        ({"instances": "abc"}, 422, "instances"),
+        ({}, 422, "instances: Field required"),
+        ({"instances": EXAMPLE_ROWS, "priority": 1000}, 422, "priority"),
+        ({"instances": EXAMPLE_ROWS, "timeout": 999}, 422, "timeout 999s is above"),
+    ],
+)
+def test_bad_input_gets_clear_4xx(
+    client: TestClient, body: dict[str, Any], status: int, fragment: str
+) -> None:
+    response = client.post(PREDICT, json=body)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_422(client: TestClient, token: str) -> None:
+    raw = '{"instances": [[%s, 0, 0, 0, 0, 0, 0, 0, 0, 0]]}' % token
+    response = client.post(PREDICT, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert "finite" in response.json()["error"]
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    response = client.post(
+        PREDICT, content=b'{"instances": [[1, 2', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "malformed JSON" in response.json()["error"]
+
+
+def test_too_many_instances_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "max_instances", 3)
+    response = client.post(PREDICT, json={"instances": EXAMPLE_ROWS * 2})
+    assert response.status_code == 413
+    assert "limit is 3" in response.json()["error"]
+
+
+def test_unknown_model_and_job_are_404(client: TestClient) -> None:
+    response = client.post("/v1/models/nope:predict", json={"instances": [[1]]})
+    assert response.status_code == 404 and "diabetes" in response.json()["error"]
+    response = client.post("/v1/jobs", json={"model": "nope", "instances": [[1]]})
+    assert response.status_code == 404
+    assert client.get("/v1/jobs/not-a-job").status_code == 404
+
+
+def test_health_reports_ready_with_details(client: TestClient) -> None:
+    assert client.get("/v2/health/live").json() == {"live": True}
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness")
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    details = client.get("/health").json()
+    assert details["models"] == {"diabetes": "1"}
+    assert details["redis"]["ok"] and details["redis"]["workers"]
+    assert details["redis"]["queue_depth"] == 0
+    assert set(details["cache"]) >= {"size", "hits", "misses", "hit_rate"}
+
+
+def test_not_ready_without_a_worker(redis_conn: redis.Redis, model_store: ModelStore) -> None:
+    with TestClient(main_app()) as client:
+        response = client.get("/v2/health/ready")
+    assert response.status_code == 503
+    assert response.json()["ready"] is False
+    assert any("worker" in reason for reason in response.json()["reasons"])
+
+
+def test_redis_down_is_fast_503_and_recovers(client: TestClient, redis_server: Any) -> None:
+    cached = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness")
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        response = client.post(PREDICT, json={"instances": EXAMPLE_ROWS[:1]})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert "Redis" in response.json()["error"]
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503
+        assert time.monotonic() - started < 5, "an outage must not hang requests"
+        # answers already cached are still served
+        hit = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+        assert hit.status_code == 200 and hit.json() == cached.json()
+    finally:
+        redis_server.start()
+    # the worker republishes its models and reports in again by itself
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "recovery", 20)
+    assert client.post(PREDICT, json={"instances": EXAMPLE_ROWS[:1]}).status_code == 200
+
+
+def test_openapi_docs_have_examples(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["schemas"]["PredictRequest"]["examples"]
+
+
+def submit(client: TestClient, model: str, value: float, *, priority: int) -> str:
+    response = client.post(
+        "/v1/jobs", json={"model": model, "instances": [[value]], "priority": priority}
+    )
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def main_app() -> Any:
+    import main
+
+    return main.app
