@@ -1,0 +1,24 @@
+"""The embedded redis-server of `make run`: loopback only, and data that survives a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from hueyserve.redis_server import EmbeddedRedis
+
+
+def test_embedded_redis_keeps_data_across_restart(tmp_path: Path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path / "data")
+    assert "127.0.0.1" in server.command() and "everysec" in server.command()
+    with server:
+        conn = redis.Redis(port=server.port)
+        conn.zadd("queue", {"job": 1})
+        assert conn.config_get("appendonly") == {"appendonly": "yes"}
+        conn.close()
+    with EmbeddedRedis(port=server.port, data_dir=tmp_path / "data") as restarted:
+        conn = redis.Redis(port=restarted.port)
+        assert conn.zrange("queue", 0, -1) == [b"job"]
+        conn.close()
+    assert server.process is not None and server.process.poll() is not None

@@ -1,0 +1,31 @@
+"""Settings: environment names and messages that say what to fix."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from hueyserve.settings import Settings
+
+
+def test_redis_url_and_prefixed_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("HUEYSERVE_CACHE_SIZE", "7")
+    configured = Settings()
+    assert configured.redis_url == "redis://example:6380/2" and configured.cache_size == 7
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("REDIS_URL", "localhost:6379", "REDIS_URL must start with"),
+        ("HUEYSERVE_REFRESH_CRON", "every minute", "five fields"),
+        ("HUEYSERVE_WORKER_TYPE", "fiber", "thread, process or greenlet"),
+    ],
+)
+def test_bad_values_are_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()

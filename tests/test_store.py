@@ -1,0 +1,44 @@
+"""The model store: versions, atomic saves, skops with trusted types only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.preprocessing import FunctionTransformer
+
+from hueyserve.store import ModelStore, UntrustedModelFile
+from hueyserve.training import DEMO_MODEL, ensure_demo_models, train_diabetes
+
+
+def test_versions_count_up_and_newest_wins(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    assert store.names() == [] and store.latest("m") is None
+    model, metadata = train_diabetes(n_estimators=3)
+    assert [store.save("m", model, metadata) for _ in range(3)] == ["1", "2", "3"]
+    (tmp_path / "m" / "10").mkdir()  # incomplete: no artifact, never served
+    (tmp_path / "m" / ".11-staging").mkdir()
+    assert store.versions("m") == ["1", "2", "3"] and store.latest("m") == "3"
+    assert store.metadata("m", "2")["version"] == "2"
+
+
+def test_demo_model_is_bootstrapped_once(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    ensure_demo_models(store)
+    ensure_demo_models(store)
+    assert store.versions(DEMO_MODEL) == ["1"]
+    metadata = store.metadata(DEMO_MODEL, "1")
+    assert metadata["n_features"] == 10 and len(metadata["features"]) == 10
+    assert metadata["params"]["n_estimators"] == 100
+    assert {"r2", "mae", "rmse"} <= set(metadata["metrics"]) and metadata["created"]
+    loaded = store.load(DEMO_MODEL, "1")
+    assert loaded.predict(np.zeros((1, 10))).shape == (1,)
+
+
+def test_untrusted_model_file_is_refused(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.save("evil", FunctionTransformer(func=os.getcwd), {"n_features": 1})
+    with pytest.raises(UntrustedModelFile, match="not trusted"):
+        store.load("evil", "1")
