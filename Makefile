@@ -38,5 +38,10 @@ load: install-dev
 		--run-time $(DURATION) --stop-timeout 10 --host http://$(HOST):$(PORT) \
 		--csv reports/load --html reports/load.html --only-summary
 
+lint: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy core.py main.py hueyserve
+
 clean:
 	rm -rf $(VENV) .pytest_cache reports

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import ClassVar
 
 from locust import HttpUser, between, task
 from sklearn.datasets import load_diabetes
@@ -73,7 +74,7 @@ class CachedPredictUser(HttpUser):
 
     weight = 1
     wait_time = between(0.05, 0.2)
-    questions = [[row] for row in ROWS[:5]]
+    questions: ClassVar[list[list[list[float]]]] = [[row] for row in ROWS[:5]]
 
     @task
     def predict_again(self) -> None:

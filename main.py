@@ -22,7 +22,14 @@ from hueyserve.cache import PredictionCache
 from hueyserve.catalog import ModelCatalog
 from hueyserve.errors import ServiceError
 from hueyserve.queue import TaskQueue
-from hueyserve.schemas import ErrorBody, JobAccepted, JobPublic, JobSubmit, PredictRequest, PredictResponse
+from hueyserve.schemas import (
+    ErrorBody,
+    JobAccepted,
+    JobPublic,
+    JobSubmit,
+    PredictRequest,
+    PredictResponse,
+)
 from hueyserve.service import PredictService
 from hueyserve.settings import settings
 

@@ -82,9 +82,7 @@ class ModelCatalog:
 
     async def resync(self) -> None:
         entries = await self.client.hgetall(MODELS_KEY)
-        self.models = {
-            (m := ActiveModel.from_json(raw)).name: m for raw in entries.values()
-        }
+        self.models = {(m := ActiveModel.from_json(raw)).name: m for raw in entries.values()}
         self.synced_at = time.monotonic()
 
     async def follow(self) -> None:
@@ -111,4 +109,4 @@ class ModelCatalog:
                     await self.resync()
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

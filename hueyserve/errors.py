@@ -1,15 +1,15 @@
 """Domain errors; each knows its HTTP status, and main.py maps them to responses in one place.
 
-    ServiceError (500)
-    ├── BadRequest (400)            malformed JSON, unreadable body
-    ├── NotFound (404)
-    │   ├── ModelNotFound
-    │   └── JobNotFound
-    ├── PayloadTooLarge (413)       too many instances
-    ├── InvalidInput (422)          wrong shape, type or non-finite number
-    ├── ServiceUnavailable (503)    Redis down, model not loaded yet
-    ├── PredictTimeout (504)        sync wait ran out; carries the job id
-    └── PredictionFailed (500)      the task failed after its retries
+ServiceError (500)
+├── BadRequest (400)            malformed JSON, unreadable body
+├── NotFound (404)
+│   ├── ModelNotFound
+│   └── JobNotFound
+├── PayloadTooLarge (413)       too many instances
+├── InvalidInput (422)          wrong shape, type or non-finite number
+├── ServiceUnavailable (503)    Redis down, model not loaded yet
+├── PredictTimeout (504)        sync wait ran out; carries the job id
+└── PredictionFailed (500)      the task failed after its retries
 """
 
 from __future__ import annotations
@@ -80,9 +80,7 @@ class PredictTimeout(ServiceError):
     status_code = 504
 
     def __init__(self, job_id: str, timeout_s: float) -> None:
-        super().__init__(
-            f"no result within {timeout_s:g}s; the job goes on: GET /v1/jobs/{job_id}"
-        )
+        super().__init__(f"no result within {timeout_s:g}s; the job goes on: GET /v1/jobs/{job_id}")
         self.job_id = job_id
 
     def body(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ record in the same transaction that enqueues the task; the worker updates it fro
 from __future__ import annotations
 
 import time
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -16,7 +16,7 @@ import redis
 JOB_KEY_PREFIX = "hueyserve:job:"  #: + job id -> hash of the fields below, TTL = result TTL
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     """Where a job is in its life."""
 
     QUEUED = "queued"  #: waiting in the queue, or for its next retry
@@ -25,13 +25,15 @@ class JobStatus(str, Enum):
     FAILED = "failed"  #: gave up after its retries; `error` says why
 
 
+#: A record as redis-py takes it (its key type is a union, so spell it loosely).
+Fields = dict[Any, str | int | float]
+
+
 def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
 
-def new_record(
-    *, job_id: str, model: str, version: str, priority: int, n_instances: int
-) -> dict[str, str | int | float]:
+def new_record(*, job_id: str, model: str, version: str, priority: int, n_instances: int) -> Fields:
     return {
         "id": job_id,
         "model": model,
@@ -58,13 +60,13 @@ class JobRecorder:
         self._update(job_id, {"status": JobStatus.DONE.value, "finished_at": time.time()})
 
     def failed(self, job_id: str, error: str) -> None:
-        fields = {"status": JobStatus.FAILED.value, "finished_at": time.time(), "error": error}
-        self._update(job_id, fields)
+        fields: Fields = {"status": JobStatus.FAILED.value, "error": error}
+        self._update(job_id, {**fields, "finished_at": time.time()})
 
     def retrying(self, job_id: str, error: str) -> None:
         self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error})
 
-    def _update(self, job_id: str, fields: dict[str, Any], attempts: int = 0) -> None:
+    def _update(self, job_id: str, fields: Fields, attempts: int = 0) -> None:
         key = job_key(job_id)
         with self.conn.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=fields)

@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from hueyserve.errors import RedisUnavailable
-from hueyserve.jobs import job_key
+from hueyserve.jobs import Fields, job_key
 
 
 @contextlib.asynccontextmanager
@@ -71,7 +71,7 @@ class TaskQueue:
         await self.client.aclose()
         await self.waiter.aclose()
 
-    async def enqueue(self, task: Task, record: dict[str, Any]) -> None:
+    async def enqueue(self, task: Task, record: Fields) -> None:
         """Put `task` on Huey's priority queue and write its job record, atomically."""
         data = self.huey.serialize_task(task)
         # Same member layout as huey's RedisPriorityQueue: a microsecond prefix keeps FIFO order

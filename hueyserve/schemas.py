@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from hueyserve.jobs import JobStatus
 
@@ -18,13 +18,19 @@ EXAMPLE_ROWS = [
     [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176],
     [-0.0019, -0.0446, -0.0515, -0.0263, -0.0084, -0.0192, 0.0744, -0.0395, -0.0683, -0.0922],
 ]
+EXAMPLE_JSON: list[JsonValue] = [list[JsonValue](row) for row in EXAMPLE_ROWS]
 
 
 class PredictRequest(BaseModel):
     """KServe v1 predict body, plus optional queue options."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"instances": EXAMPLE_ROWS}, {"instances": EXAMPLE_ROWS[:1], "priority": 50, "timeout": 5}]}
+        json_schema_extra={
+            "examples": [
+                {"instances": EXAMPLE_JSON},
+                {"instances": EXAMPLE_JSON[:1], "priority": 50, "timeout": 5},
+            ]
+        }
     )
 
     instances: Instances
@@ -46,7 +52,7 @@ class JobSubmit(BaseModel):
     """An explicit async job: which model, which rows, how urgent."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"model": "diabetes", "instances": EXAMPLE_ROWS}]}
+        json_schema_extra={"examples": [{"model": "diabetes", "instances": EXAMPLE_JSON}]}
     )
 
     model: str = Field(min_length=1, max_length=200)

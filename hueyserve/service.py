@@ -130,7 +130,9 @@ class PredictService:
             )
         return requested_s or limit
 
-    async def _enqueue(self, model: ActiveModel, instances: list[list[float]], priority: int) -> str:
+    async def _enqueue(
+        self, model: ActiveModel, instances: list[list[float]], priority: int
+    ) -> str:
         task = self.task.s(model.name, model.version, instances, priority=priority)
         task.id = str(uuid.uuid4())
         record = new_record(
@@ -192,13 +194,13 @@ class PredictService:
         """Workers seen within the heartbeat TTL, with the age of their last beat in seconds."""
         now = time.time()
         async with redis_errors():
-            beats = await self.queue.client.zrangebyscore(
+            beats: list[Any] = await self.queue.client.zrangebyscore(
                 heartbeat.HEARTBEATS_KEY,
                 now - self.settings.heartbeat_ttl_s,
                 "+inf",
                 withscores=True,
             )
-        return {member.decode(): round(now - score, 3) for member, score in beats}
+        return {bytes(member).decode(): round(now - float(score), 3) for member, score in beats}
 
     async def details(self) -> dict[str, Any]:
         """Everything an operator wants on one page (GET /health)."""
@@ -229,4 +231,4 @@ def _int(raw: str | None) -> int | None:
 
 
 def _time(raw: str | None) -> dt.datetime | None:
-    return None if raw is None else dt.datetime.fromtimestamp(float(raw), tz=dt.timezone.utc)
+    return None if raw is None else dt.datetime.fromtimestamp(float(raw), tz=dt.UTC)

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     async_priority: int = Field(5, description="Default priority of async jobs.")
     retries: int = Field(2, ge=0, description="Retries of a failed predict task.")
     retry_delay_s: float = Field(1.0, ge=0, description="Delay before the first retry.")
-    retry_backoff: float = Field(2.0, ge=1, description="Each next retry waits this many times longer.")
+    retry_backoff: float = Field(2.0, ge=1, description="Each retry waits this many times longer.")
 
     # --- Workers -------------------------------------------------------------------------
     workers: int = Field(4, ge=1, description="Worker threads of the consumer `make run` starts.")
@@ -49,9 +49,9 @@ class Settings(BaseSettings):
 
     # --- Models and cache ----------------------------------------------------------------
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<name>/<version>/.")
-    refresh_cron: str = Field("* * * * *", description="Crontab (m h dom mon dow) of model refresh.")
+    refresh_cron: str = Field("* * * * *", description="Crontab (m h dom mon dow): refresh.")
     cache_size: int = Field(10_000, ge=0, description="LRU entries (API and each worker); 0 = off.")
-    max_instances: int = Field(1000, ge=1, description="Most instances in one request (413 past it).")
+    max_instances: int = Field(1000, ge=1, description="Most rows per request (413 past).")
     catalog_resync_s: float = Field(5.0, gt=0, description="API: full reread of active models.")
 
     # --- Logs ------------------------------------------------------------------------------

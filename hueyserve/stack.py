@@ -78,7 +78,7 @@ def main() -> int:
             "--log-config", "config/logger.config",
         ], env)),
     ]  # fmt: skip
-    logger.info("serving on http://%s:%s (docs at /docs); Ctrl-C stops everything", args.host, args.port)
+    logger.info("serving on http://%s:%s; Ctrl-C stops everything", args.host, args.port)
     status = 0
     try:
         while not stopping:

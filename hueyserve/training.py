@@ -40,7 +40,7 @@ def train_diabetes(*, n_estimators: int = 100, random_state: int = 0) -> tuple[A
             "mae": round(float(mean_absolute_error(y_test, predicted)), 4),
             "rmse": round(float(np.sqrt(np.mean((y_test - predicted) ** 2))), 4),
         },
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     return model, metadata
 

@@ -35,13 +35,14 @@ os.environ.update(
     }
 )
 
-import core  # noqa: E402  (after the environment above)
-import main  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from hueyserve import catalog  # noqa: E402
-from hueyserve.registry import LoadedModel  # noqa: E402
-from hueyserve.training import ensure_demo_models  # noqa: E402
-from hueyserve.store import ModelStore  # noqa: E402
+from fastapi.testclient import TestClient
+
+import core
+import main
+from hueyserve import catalog
+from hueyserve.registry import LoadedModel
+from hueyserve.store import ModelStore
+from hueyserve.training import ensure_demo_models
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -22,9 +22,7 @@ def test_lru_evicts_oldest_and_counts() -> None:
         cache.put(key, [i])
     assert cache.get(keys[0]) is None
     assert cache.get(keys[2]) == [2]
-    assert cache.stats() == {
-        "size": 2, "maxsize": 2, "hits": 1, "misses": 1, "hit_rate": 0.5
-    }
+    assert cache.stats() == {"size": 2, "maxsize": 2, "hits": 1, "misses": 1, "hit_rate": 0.5}
 
 
 def test_zero_size_turns_the_cache_off() -> None:

@@ -162,7 +162,7 @@ def test_bad_input_gets_clear_4xx(
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_422(client: TestClient, token: str) -> None:
-    raw = '{"instances": [[%s, 0, 0, 0, 0, 0, 0, 0, 0, 0]]}' % token
+    raw = '{"instances": [[' + token + ", 0, 0, 0, 0, 0, 0, 0, 0, 0]]}"
     response = client.post(PREDICT, content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     assert "finite" in response.json()["error"]
