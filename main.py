@@ -60,9 +60,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-        await queue.aclose()
+        # Bounded: shutdown must never hang on a Redis call that swallowed the cancellation.
+        await asyncio.wait({follower}, timeout=2.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(queue.aclose(), timeout=2.0)
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -41,6 +41,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 class EmbeddedRedis:
     """Start, wait for and stop one redis-server subprocess.
 
@@ -72,6 +78,11 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Launch the server and return once it answers PING."""
+        if port_in_use(self.port):  # else we would PING somebody else's server and use it
+            raise RuntimeError(
+                f"port {self.port} is already in use: stop what listens there, choose another "
+                "port (HUEYSERVE_EMBEDDED_REDIS_PORT) or use that server through REDIS_URL"
+            )
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s

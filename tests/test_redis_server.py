@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
 
 from hueyserve.redis_server import EmbeddedRedis
@@ -22,3 +23,9 @@ def test_embedded_redis_keeps_data_across_restart(tmp_path: Path) -> None:
         assert conn.zrange("queue", 0, -1) == [b"job"]
         conn.close()
     assert server.process is not None and server.process.poll() is not None
+
+
+def test_embedded_redis_refuses_a_taken_port(tmp_path: Path) -> None:
+    with EmbeddedRedis() as first:
+        with pytest.raises(RuntimeError, match="already in use"):
+            EmbeddedRedis(port=first.port).start()
