@@ -32,7 +32,9 @@ huey = PriorityRedisExpireHuey(
     name=settings.queue_name,
     expire_time=settings.result_ttl_s,
     notify_result=True,
-    notify_result_ttl=settings.result_ttl_s,
+    # Sync callers start waiting right after enqueueing, so a wake-up older than the longest
+    # sync wait has nobody to wake: let it expire soon (async jobs leave one per job).
+    notify_result_ttl=int(settings.predict_timeout_s) + 60,
     # A failed attempt that will be retried must not wake the waiter with an error.
     store_intermediate_errors=False,
     # The consumer blocks on BZPOPMIN for 1 s, so the read timeout must be longer than that.

@@ -1,7 +1,7 @@
 """Sequential sync-predict latency against a running stack: cache misses and cache hits.
 
-    make run                                  # in another terminal
-    .venv/bin/python -m bench.sync_latency --requests 300
+make run                                  # in another terminal
+.venv/bin/python -m bench.sync_latency --requests 300
 """
 
 from __future__ import annotations

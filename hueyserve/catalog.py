@@ -73,6 +73,7 @@ class ModelCatalog:
         self.resync_s = resync_s
         self.models: dict[str, ActiveModel] = {}
         self.synced_at: float | None = None
+        self.outage = False
 
     def get(self, name: str) -> ActiveModel:
         model = self.models.get(name)
@@ -91,7 +92,9 @@ class ModelCatalog:
             try:
                 await self._follow_once()
             except (redis.RedisError, OSError) as exc:
-                logger.warning("model catalog lost Redis (%s); keeping last known versions", exc)
+                if not self.outage:  # once per outage, not every second
+                    logger.warning("model catalog lost Redis (%s); keeping last versions", exc)
+                self.outage = True
                 await asyncio.sleep(1.0)
 
     async def _follow_once(self) -> None:
@@ -99,6 +102,9 @@ class ModelCatalog:
         try:
             await pubsub.subscribe(MODELS_CHANNEL)
             await self.resync()  # after subscribing, so no promotion falls in between
+            if self.outage:
+                logger.info("model catalog reconnected to Redis")
+                self.outage = False
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:

@@ -76,26 +76,30 @@ class RedisUnavailable(ServiceUnavailable):
         super().__init__(f"the queue (Redis) is unreachable, try again shortly: {cause}")
 
 
-class PredictTimeout(ServiceError):
-    status_code = 504
+class JobError(ServiceError):
+    """An error about a job that exists: the body names it so the client can fetch it."""
 
-    def __init__(self, job_id: str, timeout_s: float) -> None:
-        super().__init__(f"no result within {timeout_s:g}s; the job goes on: GET /v1/jobs/{job_id}")
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
         self.job_id = job_id
 
     def body(self) -> dict[str, Any]:
         return {"error": self.message, "job_id": self.job_id}
+
+
+class PredictTimeout(JobError):
+    status_code = 504
+
+    def __init__(self, job_id: str, timeout_s: float) -> None:
+        message = f"no result within {timeout_s:g}s; the job goes on: GET /v1/jobs/{job_id}"
+        super().__init__(message, job_id)
 
     def headers(self) -> dict[str, str]:
         return {"Location": f"/v1/jobs/{self.job_id}"}
 
 
-class PredictionFailed(ServiceError):
+class PredictionFailed(JobError):
     status_code = 500
 
     def __init__(self, job_id: str, reason: str) -> None:
-        super().__init__(f"prediction failed (job {job_id}): {reason}")
-        self.job_id = job_id
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "job_id": self.job_id}
+        super().__init__(f"prediction failed (job {job_id}): {reason}", job_id)
