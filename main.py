@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import core
 from hueyserve.cache import PredictionCache
@@ -32,6 +33,7 @@ from hueyserve.schemas import (
 )
 from hueyserve.service import PredictService
 from hueyserve.settings import settings
+from hueyserve.validation import validation_failure
 
 logger = logging.getLogger(__name__)
 
@@ -99,30 +101,15 @@ async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default answer echoes the input, which fails to render for NaN; say what to
-    # fix without echoing anything back.
-    problems = exc.errors()
-    malformed = [p for p in problems if p.get("type") == "json_invalid"]
-    if malformed:
-        detail = malformed[0].get("ctx", {}).get("error", "invalid JSON")
-        return JSONResponse({"error": f"malformed JSON body: {detail}"}, status_code=400)
-    messages = []
-    for problem in problems[:5]:
-        where = _location(problem["loc"])
-        message = str(problem["msg"])
-        if problem.get("type") == "finite_number":
-            message += " (NaN and Infinity are not allowed)"
-        messages.append(f"{where or 'body'}: {message}")
-    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-    return JSONResponse({"error": "; ".join(messages) + more}, status_code=422)
+    failure = validation_failure(exc.errors(), request.headers.get("content-type"))
+    return await service_error(request, failure)
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    """("body", "instances", 0, 9) -> "instances[0][9]"."""
-    text = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
-    return text
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (404 no such route, 405 wrong method) in our error format."""
+    message = f"{exc.detail}: {request.method} {request.url.path}; see /docs for the routes"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
 # --- KServe v1 predict and jobs --------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Domain errors; each knows its HTTP status, and main.py maps them to responses in one place.
 
 ServiceError (500)
-├── BadRequest (400)            malformed JSON, unreadable body
+├── BadRequest (400)              malformed JSON
 ├── NotFound (404)
 │   ├── ModelNotFound
 │   └── JobNotFound
-├── PayloadTooLarge (413)       too many instances
-├── InvalidInput (422)          wrong shape, type or non-finite number
-├── ServiceUnavailable (503)    Redis down, model not loaded yet
-├── PredictTimeout (504)        sync wait ran out; carries the job id
-└── PredictionFailed (500)      the task failed after its retries
+├── PayloadTooLarge (413)         too many instances
+├── UnsupportedMediaType (415)    a body that is not JSON
+├── InvalidInput (422)            wrong shape, type or non-finite number
+├── ServiceUnavailable (503)      carries Retry-After
+│   └── RedisUnavailable          Redis unreachable or too slow
+└── JobError                      names the job in the body
+    ├── PredictTimeout (504)      sync wait ran out; the job goes on
+    └── PredictionFailed (500)    the task failed after its retries
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class JobNotFound(NotFound):
 
 class PayloadTooLarge(ServiceError):
     status_code = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
 
 
 class InvalidInput(ServiceError):

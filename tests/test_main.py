@@ -133,6 +133,9 @@ def test_sync_timeout_answers_504_and_job_completes(client: TestClient, serve_mo
     assert response.status_code == 504
     job_id = response.json()["job_id"]
     assert response.headers["Location"] == f"/v1/jobs/{job_id}"
+    running = client.get(f"/v1/jobs/{job_id}").json()
+    assert running["status"] == "running" and running["result"] is None
+    assert running["started_at"] and running["finished_at"] is None
     gate.release.set()
     assert poll_job(client, job_id)["result"] == {"predictions": [4.0]}
 
@@ -174,6 +177,32 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     )
     assert response.status_code == 400
     assert "malformed JSON" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "fragment"),
+    [
+        ("text/plain", b'{"instances": [[1]]}', 415, "Content-Type: application/json"),
+        ("application/x-www-form-urlencoded", b"instances=1", 415, "not 'application/x-www"),
+        ("application/json", b"null", 422, "must be a JSON object"),
+        ("application/json", b"[[1, 2]]", 422, "must be a JSON object"),
+        ("application/json", b"", 422, "must be a JSON object"),
+        ("application/json", b"\xff\xfe", 400, "malformed JSON"),
+        ("application/json", '{"instances": [["\u00e9"]]}'.encode(), 422, "a JSON number"),
+    ],
+)
+def test_body_that_is_not_a_json_object_is_4xx(
+    client: TestClient, content_type: str, body: bytes, status: int, fragment: str
+) -> None:
+    response = client.post(PREDICT, content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+
+
+def test_unknown_route_and_method_answer_in_our_format(client: TestClient) -> None:
+    missing = client.get("/v1/nothing-here")
+    assert missing.status_code == 404 and "GET /v1/nothing-here" in missing.json()["error"]
+    assert client.get(PREDICT).status_code == 405
 
 
 def test_too_many_instances_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
