@@ -54,10 +54,9 @@ heartbeat = Heartbeat(
     huey.storage.conn,
     interval_s=settings.heartbeat_interval_s,
     ttl_s=settings.heartbeat_ttl_s,
-    on_beat=lambda: republish_if_lost(),
+    on_beat=lambda: keep_models_published(),
 )
-_startup_lock = threading.Lock()
-_started = False
+_warmed = threading.Event()  # this process has promoted and loaded its models
 
 
 @huey.task(
@@ -66,16 +65,18 @@ _started = False
     retry_backoff=settings.retry_backoff,
     timeout=settings.predict_timeout_s,
     name="predict",
+    context=True,
 )
-def predict(model: str, version: str, instances: list[list[float]]) -> list[Any]:
+def predict(model: str, version: str, instances: list[list[float]], task: Task) -> list[Any]:
     """Predictions of `model` at `version` for each instance, from the worker's cache if seen."""
     features = np.asarray(instances, dtype=np.float64)
     key = cache_key(model, version, features)
-    cached = worker_cache.get(key)
-    if cached is not None:
-        return cached
-    predictions = registry.get(model, version).predict(features)
-    worker_cache.put(key, predictions)
+    predictions = worker_cache.get(key)
+    if predictions is None:
+        predictions = registry.get(model, version).predict(features)
+        worker_cache.put(key, predictions)
+    # Before Huey stores the result: whoever sees the result also sees finished_at.
+    jobs.done(task.id)
     return predictions
 
 
@@ -102,31 +103,28 @@ def refresh_models() -> dict[str, str]:
 
 @huey.on_startup()
 def start_worker() -> None:
-    """Once per consumer process (the hook runs in every worker thread)."""
-    global _started
-    with _startup_lock:
-        if _started:
-            return
-        configure_worker_logging(settings.log_dir)
-        refresh_models.call_local()
-        for name, version in _active_versions().items():
-            registry.get(name, version)  # warm: the first request should not pay the load
-        heartbeat.start()
-        _started = True
+    """Runs in every worker thread; both calls are idempotent. Models are published by the
+    heartbeat, so a worker started before Redis still gets ready once Redis answers."""
+    configure_worker_logging(settings.log_dir)
+    heartbeat.start()
 
 
 @huey.on_shutdown()
 def stop_worker() -> None:
-    global _started
-    with _startup_lock:
-        heartbeat.stop()
-        _started = False
+    heartbeat.stop()
+    _warmed.clear()
 
 
-def republish_if_lost() -> None:
-    """A Redis restarted without its data forgets the active models: publish them again now
-    rather than at the next scheduled refresh."""
-    if not huey.storage.conn.exists(catalog.MODELS_KEY):
+def keep_models_published() -> None:
+    """After every heartbeat: until it has once succeeded, promote and load the models (Redis
+    may not have been up at start); afterwards, publish them again if Redis lost its data
+    rather than waiting for the next scheduled refresh."""
+    if not _warmed.is_set():
+        refresh_models.call_local()
+        for name, version in _active_versions().items():
+            registry.get(name, version)  # the first request should not pay the load
+        _warmed.set()
+    elif not huey.storage.conn.exists(catalog.MODELS_KEY):
         logger.warning("the active-model index is gone from Redis; republishing")
         refresh_models.call_local()
 
@@ -152,12 +150,6 @@ def _is_predict(task: Task) -> bool:
 def _on_executing(signal: str, task: Task) -> None:
     if _is_predict(task):
         jobs.running(task.id)
-
-
-@huey.signal(signals.SIGNAL_COMPLETE)
-def _on_complete(signal: str, task: Task) -> None:
-    if _is_predict(task):
-        jobs.done(task.id)
 
 
 @huey.signal(signals.SIGNAL_ERROR, signals.SIGNAL_TIMEOUT)

@@ -46,6 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         connect_timeout_s=settings.redis_connect_timeout_s,
         socket_timeout_s=settings.redis_socket_timeout_s,
         record_ttl_s=settings.result_ttl_s,
+        max_waiters=settings.max_sync_waiters,
     )
     catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
     app.state.service = PredictService(

@@ -83,6 +83,11 @@ class ModelCatalog:
 
     async def resync(self) -> None:
         entries = await self.client.hgetall(MODELS_KEY)
+        if not entries and self.models:
+            # Redis lost its data (restart without persistence); workers republish within a
+            # heartbeat. Until then the last known versions are better than 404s.
+            self.synced_at = time.monotonic()
+            return
         self.models = {(m := ActiveModel.from_json(raw)).name: m for raw in entries.values()}
         self.synced_at = time.monotonic()
 

@@ -12,6 +12,7 @@ ServiceError (500)
 │   └── RedisUnavailable          Redis unreachable or too slow
 └── JobError                      names the job in the body
     ├── PredictTimeout (504)      sync wait ran out; the job goes on
+    ├── ResultUnavailable (503)   Redis failed after the job was accepted
     └── PredictionFailed (500)    the task failed after its retries
 """
 
@@ -103,6 +104,20 @@ class PredictTimeout(JobError):
 
     def headers(self) -> dict[str, str]:
         return {"Location": f"/v1/jobs/{self.job_id}"}
+
+
+class ResultUnavailable(JobError):
+    status_code = 503
+
+    def __init__(self, job_id: str, cause: str) -> None:
+        super().__init__(
+            f"the job was accepted but its result cannot be read now ({cause}); "
+            f"do not resubmit: GET /v1/jobs/{job_id} once Redis is back",
+            job_id,
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Location": f"/v1/jobs/{self.job_id}", "Retry-After": "1"}
 
 
 class PredictionFailed(JobError):

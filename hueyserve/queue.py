@@ -7,6 +7,7 @@ with short timeouts, so a Redis outage becomes a 503 in about a second instead o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import struct
 import time
@@ -30,7 +31,7 @@ async def redis_errors() -> AsyncIterator[None]:
     """Turn any Redis or socket failure into the 503 the client should see."""
     try:
         yield
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, OSError, TimeoutError) as exc:
         raise RedisUnavailable(exc) from exc
 
 
@@ -52,6 +53,7 @@ class TaskQueue:
         connect_timeout_s: float,
         socket_timeout_s: float,
         record_ttl_s: int,
+        max_waiters: int,
     ) -> None:
         self.huey = huey
         self.storage = huey.storage
@@ -62,9 +64,14 @@ class TaskQueue:
             socket_timeout=socket_timeout_s,
             retry=fail_fast_retry(),
         )
-        # Waiters block in BLPOP for as long as they wait, so no socket timeout there.
+        # Each waiting sync call holds one connection blocked in BLPOP, so this pool has no
+        # socket timeout (asyncio bounds each wait instead) and room for `max_waiters`.
         self.waiter = aioredis.Redis.from_url(
-            url, socket_connect_timeout=connect_timeout_s, retry=fail_fast_retry()
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=None,
+            retry=fail_fast_retry(),
+            max_connections=max_waiters,
         )
 
     async def aclose(self) -> None:
@@ -87,9 +94,12 @@ class TaskQueue:
         """True once the task's result is stored (Huey's notification), False on timeout."""
         notify_key = self.storage.notify_prefix + task_id
         async with redis_errors():
-            popped = await self.waiter.blpop([notify_key], timeout=max(timeout_s, 0.01))
+            # Huey pushes one item per stored result; popping it empties (deletes) the list.
+            # The asyncio bound catches a Redis that stalls without closing the connection.
+            popped = await asyncio.wait_for(
+                self.waiter.blpop([notify_key], timeout=max(timeout_s, 0.01)), timeout_s + 1.0
+            )
             if popped is not None:
-                await self.client.delete(notify_key)
                 return True
             return bool(await self.client.exists(self.storage.result_key(task_id)))
 

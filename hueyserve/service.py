@@ -24,12 +24,17 @@ from hueyserve.errors import (
     PayloadTooLarge,
     PredictionFailed,
     PredictTimeout,
+    RedisUnavailable,
+    ResultUnavailable,
     ServiceError,
 )
 from hueyserve.jobs import JobStatus, new_record
 from hueyserve.queue import TaskQueue, redis_errors
 from hueyserve.schemas import JobAccepted, JobPublic
 from hueyserve.settings import Settings
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+ENDED = (JobStatus.DONE, JobStatus.FAILED)
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,10 @@ class PredictService:
                     f"instances[{index}] has {len(row)} features; model {name!r} "
                     f"expects {expected}{names}"
                 )
-        return model, np.asarray(instances, dtype=np.float64)
+        features = np.asarray(instances, dtype=np.float64)
+        if np.abs(features).max() > FLOAT32_MAX:  # scikit-learn computes in float32
+            raise InvalidInput(f"a feature value is beyond ±{FLOAT32_MAX:.3g}; scale the input")
+        return model, features
 
     async def predict(
         self,
@@ -97,9 +105,12 @@ class PredictService:
             return Prediction(cached, model, cached=True)
         wait_s = self._timeout(timeout_s)
         job_id = await self._enqueue(model, instances, _or(priority, self.settings.sync_priority))
-        if not await self.queue.wait(job_id, wait_s):
-            raise PredictTimeout(job_id, wait_s)
-        value = await self.queue.result(job_id)
+        try:
+            if not await self.queue.wait(job_id, wait_s):
+                raise PredictTimeout(job_id, wait_s)
+            value = await self.queue.result(job_id)
+        except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
+            raise ResultUnavailable(job_id, exc.message) from exc
         if value is EmptyData:  # expired between the notification and the read
             raise PredictionFailed(job_id, "the result disappeared before it could be read")
         if isinstance(value, Error):
@@ -152,14 +163,18 @@ class PredictService:
         record, value = await self.queue.job(job_id)
         if not record and value is EmptyData:
             raise JobNotFound(job_id)
+        # The result decides done/failed; the record tells queued/running (and a "done" record
+        # whose result Huey has not stored yet is still running, for a moment).
         status = JobStatus(record.get("status", JobStatus.QUEUED.value))
         result = error = None
-        if isinstance(value, Error):  # the result lands before the record says so
+        if isinstance(value, Error):
             status, error = JobStatus.FAILED, record.get("error") or str(value.metadata["error"])
         elif value is not EmptyData:
             status, result = JobStatus.DONE, {"predictions": value}
         elif status is JobStatus.FAILED:
             error = record.get("error")
+        elif status is JobStatus.DONE:
+            status = JobStatus.RUNNING
         return JobPublic(
             job_id=job_id,
             status=status,
@@ -170,7 +185,7 @@ class PredictService:
             attempts=_int(record.get("attempts")) or 0,
             created_at=_time(record.get("created_at")),
             started_at=_time(record.get("started_at")),
-            finished_at=_time(record.get("finished_at")),
+            finished_at=_time(record.get("finished_at")) if status in ENDED else None,
             result=result,
             error=error if status is JobStatus.FAILED else None,
         )

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<name>/<version>/.")
     refresh_cron: str = Field("* * * * *", description="Crontab (m h dom mon dow): refresh.")
     cache_size: int = Field(10_000, ge=0, description="LRU entries (API and each worker); 0 = off.")
+    max_sync_waiters: int = Field(
+        1000,
+        ge=1,
+        description="API process: most sync calls waiting at once (each holds a socket).",
+    )
     max_instances: int = Field(1000, ge=1, description="Most rows per request (413 past).")
     catalog_resync_s: float = Field(5.0, gt=0, description="API: full reread of active models.")
 

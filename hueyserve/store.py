@@ -22,6 +22,7 @@ import skops.io
 ARTIFACT_FILE = "model.skops"
 METADATA_FILE = "metadata.json"
 LOCK_FILE = ".lock"
+HIGH_WATER_FILE = ".last_version"  #: the highest version number ever written
 
 #: Types a model file may contain beyond skops' own safe defaults (numpy, sklearn estimators).
 TRUSTED_TYPES: list[str] = [
@@ -84,7 +85,11 @@ class ModelStore:
         """`save` for a caller that already holds `lock()`."""
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
-        version = str(int(self.latest(name) or 0) + 1)
+        # Never reuse a number, even of a deleted version: caches key answers by version.
+        high_water = folder / HIGH_WATER_FILE
+        last = int(high_water.read_text()) if high_water.exists() else 0
+        version = str(max(last, int(self.latest(name) or 0)) + 1)
+        high_water.write_text(version + "\n")
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=folder))
         skops.io.dump(estimator, staging / ARTIFACT_FILE)
         full = {**metadata, "name": name, "version": version}

@@ -90,7 +90,7 @@ def test_stack_serves_sync_and_async(stack: tuple[str, Path]) -> None:
         )
         assert job["result"]["predictions"] == sync.json()["predictions"]
     assert "Executing core.predict" in (log_dir / "huey.log").read_text()
-    assert (ROOT / "logs" / "access.log").exists()
+    assert f"GET {location} HTTP/1.1" in (ROOT / "logs" / "access.log").read_text()
 
 
 def test_locust_scenarios_run_without_failures(stack: tuple[str, Path], tmp_path: Path) -> None:

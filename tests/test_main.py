@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Any
 
@@ -11,6 +13,7 @@ import redis
 from fastapi.testclient import TestClient
 
 import core
+from hueyserve import catalog
 from hueyserve.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
 from hueyserve.store import ModelStore
@@ -64,10 +67,11 @@ def test_jobs_endpoint_submits_explicitly(client: TestClient) -> None:
 
 def test_cache_hit_skips_enqueue(client: TestClient, redis_conn: redis.Redis) -> None:
     service = client.app.state.service  # type: ignore[attr-defined]
-    first = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    first = client.post(PREDICT, json={"instances": [[1, 0, 2, 0, 0, 0, 0, 0, 0, 0]]})
+    assert first.headers["X-Cache"] == "miss"
     enqueued = service.enqueued
-    # same values written differently: ints vs floats are the same canonical input
-    second = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    # the same values written differently (ints, then floats) are the same canonical input
+    second = client.post(PREDICT, json={"instances": [[1.0, 0.0, 2.0] + [0.0] * 7]})
     assert second.headers["X-Cache"] == "hit"
     assert "X-Job-Id" not in second.headers
     assert second.json() == first.json()
@@ -131,6 +135,7 @@ def test_sync_timeout_answers_504_and_job_completes(client: TestClient, serve_mo
     serve_model("slow", gate, n_features=1, client=client)
     response = client.post("/v1/models/slow:predict", json={"instances": [[4]], "timeout": 0.3})
     assert response.status_code == 504
+    assert gate.started.wait(10)
     job_id = response.json()["job_id"]
     assert response.headers["Location"] == f"/v1/jobs/{job_id}"
     running = client.get(f"/v1/jobs/{job_id}").json()
@@ -153,6 +158,7 @@ def test_sync_timeout_answers_504_and_job_completes(client: TestClient, serve_mo
         ({}, 422, "instances: Field required"),
         ({"instances": EXAMPLE_ROWS, "priority": 1000}, 422, "priority"),
         ({"instances": EXAMPLE_ROWS, "timeout": 999}, 422, "timeout 999s is above"),
+        ({"instances": [[1e300] * 10]}, 422, "beyond"),
     ],
 )
 def test_bad_input_gets_clear_4xx(
@@ -259,6 +265,57 @@ def test_redis_down_is_fast_503_and_recovers(client: TestClient, redis_server: A
     # the worker republishes its models and reports in again by itself
     wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "recovery", 20)
     assert client.post(PREDICT, json={"instances": EXAMPLE_ROWS[:1]}).status_code == 200
+
+
+def test_stalled_redis_is_503_not_a_hang(client: TestClient, redis_server: Any) -> None:
+    """A Redis that stops answering (not refusing) must not hold requests hostage."""
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = client.post(PREDICT, json={"instances": EXAMPLE_ROWS[:1]})
+        assert response.status_code == 503
+        assert client.get("/v2/health/ready").status_code == 503
+        assert time.monotonic() - started < 5, "a stalled Redis must not hang requests"
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "recovery", 20)
+
+
+def test_sync_wait_longer_than_socket_defaults(client: TestClient, serve_model: Any) -> None:
+    """redis-py's default 5 s socket timeout must not cut a legitimate long wait."""
+    gate = GateModel()
+    serve_model("slow", gate, n_features=1, client=client)
+    timer = threading.Timer(6.0, gate.release.set)
+    timer.start()
+    try:
+        response = client.post("/v1/models/slow:predict", json={"instances": [[7]], "timeout": 12})
+    finally:
+        timer.cancel()
+        gate.release.set()
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == [7.0]
+
+
+def test_worker_started_before_redis_gets_ready(
+    consumer_factory: Any, redis_server: Any, redis_conn: redis.Redis
+) -> None:
+    redis_server.stop()
+    try:
+        consumer = core.huey.create_consumer(
+            workers=1, periodic=False, initial_delay=0.01, max_delay=0.05, check_worker_health=False
+        )
+        consumer.start()
+        time.sleep(1.0)  # the heartbeat fails a beat or two
+    finally:
+        redis_server.start()
+    try:
+        wait_for(lambda: redis_conn.exists(catalog.MODELS_KEY), "models published", 20)
+        with TestClient(main_app()) as client:
+            wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness", 20)
+            assert client.post(PREDICT, json={"instances": EXAMPLE_ROWS}).status_code == 200
+    finally:
+        consumer.stop(graceful=True)
 
 
 def test_openapi_docs_have_examples(client: TestClient) -> None:

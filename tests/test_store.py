@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,15 @@ def test_versions_count_up_and_newest_wins(tmp_path: Path) -> None:
     (tmp_path / "m" / ".11-staging").mkdir()
     assert store.versions("m") == ["1", "2", "3"] and store.latest("m") == "3"
     assert store.metadata("m", "2")["version"] == "2"
+
+
+def test_a_deleted_version_number_is_never_reused(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    model, metadata = train_diabetes(n_estimators=2)
+    store.save("m", model, metadata)
+    store.save("m", model, metadata)
+    shutil.rmtree(tmp_path / "m" / "2")  # a bad version withdrawn
+    assert store.save("m", model, metadata) == "3"
 
 
 def test_demo_model_is_bootstrapped_once(tmp_path: Path) -> None:
