@@ -64,7 +64,3 @@ class ModelRegistry:
         with self._lock:
             self._loaded.clear()
             self._pinned.clear()
-
-    def loaded(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return sorted({*self._loaded.keys(), *self._pinned.keys()})
