@@ -85,10 +85,11 @@ def refresh_models() -> dict[str, str]:
     """Promote the newest complete version of every model in the store; returns what changed."""
     ensure_demo_models(store)
     conn = huey.storage.conn
+    active = catalog.active_versions(conn)
     promoted: dict[str, str] = {}
     for name in store.names():
         latest = store.latest(name)
-        if latest is None or latest == catalog.active_version(conn, name):
+        if latest is None or latest == active.get(name):
             continue
         try:
             loaded = registry.get(name, latest)  # refuse a version that does not load
@@ -121,22 +122,14 @@ def keep_models_published() -> None:
     rather than waiting for the next scheduled refresh."""
     if not _warmed.is_set():
         refresh_models.call_local()
-        for name, version in _active_versions().items():
-            registry.get(name, version)  # the first request should not pay the load
+        active = catalog.active_versions(huey.storage.conn)
+        for name in store.names():
+            if name in active:
+                registry.get(name, active[name])  # the first request should not pay the load
         _warmed.set()
     elif not huey.storage.conn.exists(catalog.MODELS_KEY):
         logger.warning("the active-model index is gone from Redis; republishing")
         refresh_models.call_local()
-
-
-def _active_versions() -> dict[str, str]:
-    conn = huey.storage.conn
-    versions = {}
-    for name in store.names():
-        version = catalog.active_version(conn, name)
-        if version is not None:
-            versions[name] = version
-    return versions
 
 
 # --- job records follow the predict task through Huey's signals ---------------------------

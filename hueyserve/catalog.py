@@ -60,9 +60,10 @@ def publish(conn: redis.Redis, model: ActiveModel) -> None:
         pipe.execute()
 
 
-def active_version(conn: redis.Redis, name: str) -> str | None:
-    raw = conn.hget(MODELS_KEY, name)
-    return None if raw is None else ActiveModel.from_json(raw).version
+def active_versions(conn: redis.Redis) -> dict[str, str]:
+    """Model name -> active version, in one round trip (worker side)."""
+    entries = conn.hgetall(MODELS_KEY)
+    return {(m := ActiveModel.from_json(raw)).name: m.version for raw in entries.values()}
 
 
 class ModelCatalog:

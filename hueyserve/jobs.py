@@ -47,7 +47,8 @@ def new_record(*, job_id: str, model: str, version: str, priority: int, n_instan
 
 
 class JobRecorder:
-    """Worker-side updates of job records (synchronous Redis, called from Huey signals)."""
+    """Worker-side updates of job records (synchronous Redis, from the predict task and Huey
+    signals)."""
 
     def __init__(self, conn: redis.Redis, *, ttl_s: int) -> None:
         self.conn = conn
@@ -60,8 +61,8 @@ class JobRecorder:
         self._update(job_id, {"status": JobStatus.DONE.value, "finished_at": time.time()})
 
     def failed(self, job_id: str, error: str) -> None:
-        fields: Fields = {"status": JobStatus.FAILED.value, "error": error}
-        self._update(job_id, {**fields, "finished_at": time.time()})
+        now = time.time()
+        self._update(job_id, {"status": JobStatus.FAILED.value, "error": error, "finished_at": now})
 
     def retrying(self, job_id: str, error: str) -> None:
         self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error})
