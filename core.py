@@ -1,8 +1,11 @@
 """The Huey instance and every task. Workers run: `huey_consumer core.huey -k thread -w 4`.
 
+Tasks: `predict` (per request), `train` (a new version, low priority), `reload_model` (make a
+version active now), and the periodic `refresh_models` and `retrain_models`.
+
 Importing this module builds `huey` and empty in-process state; it connects to nothing and
-loads no model. The worker's startup hook bootstraps the demo model, promotes the newest
-versions and starts the heartbeat.
+loads no model. The worker's heartbeat bootstraps the demo models, publishes them and keeps
+the active versions loaded.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from huey import PriorityRedisExpireHuey, crontab, signals
 from huey.api import Task
 from redis import ConnectionPool
 
-from hueyserve import catalog
+from hueyserve import catalog, datasets, training
 from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
-from hueyserve.jobs import JobRecorder
-from hueyserve.registry import ModelRegistry
+from hueyserve.jobs import JobKind, JobRecorder
+from hueyserve.promotion import Promoter
+from hueyserve.registry import ModelRegistry, Outputs
 from hueyserve.settings import settings
 from hueyserve.store import ModelStore
-from hueyserve.training import ensure_demo_models
 from hueyserve.worker_logging import configure_worker_logging
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ huey = PriorityRedisExpireHuey(
 
 store = ModelStore(settings.model_dir)
 registry = ModelRegistry(store)
+promoter = Promoter(huey.storage.conn, store, registry)
 worker_cache = PredictionCache(settings.cache_size)
 jobs = JobRecorder(huey.storage.conn, ttl_s=settings.result_ttl_s)
 heartbeat = Heartbeat(
@@ -56,7 +60,7 @@ heartbeat = Heartbeat(
     ttl_s=settings.heartbeat_ttl_s,
     on_beat=lambda: keep_models_published(),
 )
-_warmed = threading.Event()  # this process has promoted and loaded its models
+_warmed = threading.Event()  # this process has bootstrapped and published its models
 
 
 @huey.task(
@@ -67,39 +71,87 @@ _warmed = threading.Event()  # this process has promoted and loaded its models
     name="predict",
     context=True,
 )
-def predict(model: str, version: str, instances: list[list[float]], task: Task) -> list[Any]:
-    """Predictions of `model` at `version` for each instance, from the worker's cache if seen."""
-    features = np.asarray(instances, dtype=np.float64)
+def predict(model: str, version: str, features: np.ndarray, task: Task) -> Outputs:
+    """Outputs of `model` at `version` for each row, from the worker's cache if seen."""
     key = cache_key(model, version, features)
-    predictions = worker_cache.get(key)
-    if predictions is None:
-        predictions = registry.get(model, version).predict(features)
-        worker_cache.put(key, predictions)
+    outputs = worker_cache.get(key)
+    if outputs is None:
+        outputs = registry.get(model, version).predict(features)
+        worker_cache.put(key, outputs)
     # Before Huey stores the result: whoever sees the result also sees finished_at.
     jobs.done(task.id)
-    return predictions
+    return outputs
+
+
+@huey.task(name="train", context=True)
+def train(name: str, plan: training.TrainPlan, task: Task) -> dict[str, Any]:
+    """Train a new version of `name` as planned, save it and make it active."""
+    version = training.train_and_save(store, name, plan, settings.dataset_dir)
+    entry = promoter.promote(name)
+    jobs.done(task.id)
+    return _trained(entry.get(version), active=entry.active)
+
+
+@huey.task(priority=100, name="reload_model", context=True)
+def reload_model(name: str, version: str | None, task: Task) -> dict[str, Any]:
+    """Make `version` active (pinned), or the newest (unpinned) when None."""
+    previous = catalog.entries(huey.storage.conn).get(name)
+    entry = promoter.promote(name, version)
+    jobs.done(task.id)
+    return {
+        "model_name": name,
+        "active_version": entry.active,
+        "previous_version": previous.active if previous else None,
+        "pinned": entry.pinned,
+    }
 
 
 @huey.periodic_task(crontab(*settings.refresh_cron.split()), priority=100, name="refresh_models")
 def refresh_models() -> dict[str, str]:
-    """Promote the newest complete version of every model in the store; returns what changed."""
-    ensure_demo_models(store)
-    conn = huey.storage.conn
-    active = catalog.active_versions(conn)
-    promoted: dict[str, str] = {}
+    """Publish every model in the store with its newest version active (unless pinned);
+    returns the models whose active version changed."""
+    training.ensure_demo_models(store, settings.dataset_dir)
+    return promoter.refresh()
+
+
+def _retrain_due(moment: Any) -> bool:
+    return bool(settings.retrain_cron) and crontab(*settings.retrain_cron.split())(moment)
+
+
+@huey.periodic_task(_retrain_due, priority=settings.train_priority, name="retrain_models")
+def retrain_models() -> dict[str, Any]:
+    """HUEYSERVE_RETRAIN_CRON: train each model again on its data source when the data changed
+    since its newest version, then refresh (a pinned model keeps its version)."""
+    wanted = set(settings.retrain_models.split(",")) - {""}
+    retrained: dict[str, Any] = {}
     for name in store.names():
-        latest = store.latest(name)
-        if latest is None or latest == active.get(name):
+        if wanted and name not in wanted:
             continue
+        newest = store.metadata(name, store.versions(name)[-1])
+        plan = training.TrainPlan.from_metadata(newest)
+        if plan is None:
+            continue  # not trained by hueyserve: no data source to go back to
         try:
-            loaded = registry.get(name, latest)  # refuse a version that does not load
-        except Exception:
-            logger.exception("model %s version %s does not load; keeping the old one", name, latest)
-            continue
-        catalog.publish(conn, catalog.ActiveModel(name, latest, loaded.metadata))
-        logger.info("model %s: promoted version %s", name, latest)
-        promoted[name] = latest
-    return promoted
+            if (
+                datasets.fingerprint(plan.dataset, settings.dataset_dir)
+                == (newest["training"]["fingerprint"])
+            ):
+                logger.info("retrain %s: data unchanged since version %s", name, newest["version"])
+                continue
+            retrained[name] = training.train_and_save(store, name, plan, settings.dataset_dir)
+        except Exception:  # one bad data source must not stop the others
+            logger.exception("retrain %s failed", name)
+    promoter.refresh(list(retrained))
+    return retrained
+
+
+def _trained(model: catalog.ModelVersion, *, active: str) -> dict[str, Any]:
+    return {
+        "model_name": model.name,
+        "model_version": model.version,
+        "active_version": active,
+        "metrics": model.metadata.get("metrics", {}),
+    }
 
 
 @huey.on_startup()
@@ -117,37 +169,41 @@ def stop_worker() -> None:
 
 
 def keep_models_published() -> None:
-    """After every heartbeat: until it has once succeeded, promote and load the models (Redis
-    may not have been up at start); afterwards, publish them again if Redis lost its data
-    rather than waiting for the next scheduled refresh."""
-    if not _warmed.is_set():
+    """After every heartbeat: until it has once succeeded, bootstrap and publish the models
+    (Redis may not have been up at start); publish them again if Redis lost its data; and
+    load every active version, so a promotion made elsewhere costs no request a load."""
+    published = catalog.entries(huey.storage.conn)
+    if not _warmed.is_set() or not published:
+        if _warmed.is_set():
+            logger.warning("the model index is gone from Redis; republishing")
         refresh_models.call_local()
-        active = catalog.active_versions(huey.storage.conn)
-        for name in store.names():
-            if name in active:
-                registry.get(name, active[name])  # the first request should not pay the load
+        published = catalog.entries(huey.storage.conn)
         _warmed.set()
-    elif not huey.storage.conn.exists(catalog.MODELS_KEY):
-        logger.warning("the active-model index is gone from Redis; republishing")
-        refresh_models.call_local()
+    on_disk = store.names()
+    for entry in published.values():
+        if entry.name in on_disk:
+            registry.get(entry.name, entry.active)
 
 
-# --- job records follow the predict task through Huey's signals ---------------------------
+# --- job records follow the tasks through Huey's signals ---------------------------------
 
 
-def _is_predict(task: Task) -> bool:
-    return isinstance(task, predict.task_class)
+_TRACKED = {kind.value for kind in JobKind}
+
+
+def _tracked(task: Task) -> bool:
+    return task.name in _TRACKED
 
 
 @huey.signal(signals.SIGNAL_EXECUTING)
 def _on_executing(signal: str, task: Task) -> None:
-    if _is_predict(task):
+    if _tracked(task):
         jobs.running(task.id)
 
 
 @huey.signal(signals.SIGNAL_ERROR, signals.SIGNAL_TIMEOUT)
 def _on_error(signal: str, task: Task, exc: BaseException | None = None) -> None:
-    if not _is_predict(task):
+    if not _tracked(task):
         return
     reason = f"timed out after {task.timeout}s" if exc is None else f"{type(exc).__name__}: {exc}"
     if task.retries:  # Huey retries it; the record says why the last attempt failed

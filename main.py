@@ -1,7 +1,8 @@
 """The HTTP API. Run: `uvicorn main:app --log-config config/logger.config`.
 
-Routes only: validation lives in hueyserve.schemas, the work in hueyserve.service, and every
-domain error becomes its HTTP answer in the one handler below.
+Routes only: KServe v1, the Open Inference Protocol v2, jobs, the model life cycle and health.
+Bodies live in hueyserve.schemas and hueyserve.v2_protocol, the work in hueyserve.service, and
+every domain error becomes its HTTP answer in the one handler below.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
 from redis import RedisError
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import core
+from hueyserve import v2_protocol
 from hueyserve.cache import PredictionCache
-from hueyserve.catalog import ModelCatalog
+from hueyserve.catalog import ModelCatalog, ModelVersion
 from hueyserve.errors import ServiceError
 from hueyserve.queue import TaskQueue
 from hueyserve.schemas import (
@@ -28,14 +32,30 @@ from hueyserve.schemas import (
     JobAccepted,
     JobPublic,
     JobSubmit,
+    ModelList,
+    ModelStatus,
     PredictRequest,
     PredictResponse,
+    ReloadRequest,
+    ReloadResult,
+    TrainRequest,
+    v1_predictions,
 )
-from hueyserve.service import PredictService
+from hueyserve.service import MODEL_NAME, Prediction, PredictService, Tasks
 from hueyserve.settings import settings
 from hueyserve.validation import validation_failure
 
 logger = logging.getLogger(__name__)
+
+
+class ModelNameConvertor(StringConvertor):
+    """`{name:model}`: a model name never holds ':' or '/', so `GET /v1/models/m:predict` is
+    a wrong method on the predict route, not a lookup of a model called 'm:predict'."""
+
+    regex = MODEL_NAME.pattern
+
+
+register_url_convertor("model", ModelNameConvertor())
 
 
 @contextlib.asynccontextmanager
@@ -54,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue=queue,
         catalog=catalog,
         cache=PredictionCache(settings.cache_size),
-        task=core.predict,
+        tasks=Tasks(predict=core.predict, train=core.train, reload=core.reload_model),
     )
     with contextlib.suppress(ServiceError, RedisError, OSError):
         await catalog.resync()  # answer the first request with models known; else follow() retries
@@ -70,7 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 503, 504)
 }
 
 app = FastAPI(
@@ -80,6 +100,22 @@ app = FastAPI(
     lifespan=lifespan,
     responses=ERRORS,
 )
+
+
+def openapi_with_v2_bodies() -> dict[str, Any]:
+    """FastAPI's schema, plus the v2 infer body (the route reads it raw, for binary tensors)."""
+    if app.openapi_schema is None:
+        schema = default_openapi()
+        _, defs = models_json_schema(
+            [(v2_protocol.InferenceRequest, "validation")],
+            ref_template="#/components/schemas/{model}",
+        )
+        schema["components"]["schemas"].update(defs["$defs"])
+    return app.openapi_schema or {}
+
+
+default_openapi = app.openapi
+app.openapi = openapi_with_v2_bodies  # type: ignore[method-assign]
 
 
 def get_service(request: Request) -> PredictService:
@@ -113,14 +149,34 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
-# --- KServe v1 predict and jobs --------------------------------------------------------------
+# --- KServe v1: models and predict -------------------------------------------------------------
+
+
+@app.get("/v1/models", response_model=ModelList, summary="KServe v1: the models served")
+async def list_models(service: Service) -> ModelList:
+    return ModelList(models=sorted(service.catalog.models))
+
+
+@app.get(
+    "/v1/models/{name:model}",
+    response_model=ModelStatus,
+    responses={503: {"model": ModelStatus, "description": "Known, but no worker serves it."}},
+    summary="KServe v1: is the model ready (503 when not)",
+)
+async def model_status(name: str, service: Service) -> JSONResponse:
+    entry = service.catalog.entry(name)
+    ready = await service.model_ready()
+    status = ModelStatus(
+        name=name, ready=ready, active_version=entry.active, versions=entry.version_list()
+    )
+    return JSONResponse(status.model_dump(), status_code=200 if ready else 503)
 
 
 @app.post(
-    "/v1/models/{name}:predict",
+    "/v1/models/{name:model}:predict",
     response_model=PredictResponse,
     responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
-    summary="Predict (blocking), or submit a job with `Prefer: respond-async`",
+    summary="Predict with the active version (blocking), or a job with `Prefer: respond-async`",
 )
 async def predict(
     name: str,
@@ -129,32 +185,178 @@ async def predict(
     response: Response,
     prefer: Annotated[str | None, Header()] = None,
 ) -> PredictResponse | JSONResponse:
-    if prefer and "respond-async" in prefer.lower():
-        accepted = await service.submit(name, body.instances, priority=body.priority)
-        return accepted_response(accepted)
-    answer = await service.predict(
-        name, body.instances, priority=body.priority, timeout_s=body.timeout
-    )
-    response.headers["X-Cache"] = "hit" if answer.cached else "miss"
-    response.headers["X-Model-Version"] = answer.model.version
-    if answer.job_id:
-        response.headers["X-Job-Id"] = answer.job_id
+    return await predict_v1(service.catalog.get(name), body, service, response, prefer)
+
+
+@app.post(
+    "/v1/models/{name:model}/versions/{version}:predict",
+    response_model=PredictResponse,
+    responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
+    summary="Predict with one version, active or not",
+)
+async def predict_version(
+    name: str,
+    version: str,
+    body: PredictRequest,
+    service: Service,
+    response: Response,
+    prefer: Annotated[str | None, Header()] = None,
+) -> PredictResponse | JSONResponse:
+    return await predict_v1(service.catalog.get(name, version), body, service, response, prefer)
+
+
+async def predict_v1(
+    model: ModelVersion,
+    body: PredictRequest,
+    service: PredictService,
+    response: Response,
+    prefer: str | None,
+) -> PredictResponse | JSONResponse:
+    features = service.rows(model, body.instances)
+    if wants_async(prefer):
+        return accepted_response(await service.submit(model, features, priority=body.priority))
+    answer = await service.infer(model, features, priority=body.priority, timeout_s=body.timeout)
+    response.headers.update(answer_headers(answer))
     return PredictResponse(
-        predictions=answer.predictions,
-        model_name=answer.model.name,
-        model_version=answer.model.version,
+        predictions=v1_predictions(model, answer.outputs),
+        model_name=model.name,
+        model_version=model.version,
     )
+
+
+# --- Open Inference Protocol v2 ---------------------------------------------------------------
+
+
+@app.get("/v2", response_model=v2_protocol.ServerMetadata, summary="v2: server metadata")
+async def server_metadata() -> v2_protocol.ServerMetadata:
+    return v2_protocol.ServerMetadata(
+        name=app.title, version=app.version, extensions=v2_protocol.EXTENSIONS
+    )
+
+
+@app.get("/v2/models/{name:model}", response_model=v2_protocol.ModelMetadata, summary="v2: metadata")
+@app.get(
+    "/v2/models/{name:model}/versions/{version}",
+    response_model=v2_protocol.ModelMetadata,
+    summary="v2: metadata of one version",
+)
+async def model_metadata(
+    name: str, service: Service, version: str | None = None
+) -> v2_protocol.ModelMetadata:
+    entry = service.catalog.entry(name)
+    return v2_protocol.model_metadata(entry.get(version), entry.version_list())
+
+
+@app.get("/v2/models/{name:model}/ready", summary="v2: model readiness (503 when not ready)")
+@app.get("/v2/models/{name:model}/versions/{version}/ready", summary="v2: version readiness")
+async def model_ready(name: str, service: Service, version: str | None = None) -> JSONResponse:
+    service.catalog.get(name, version)  # 404 for an unknown model or version
+    ready = await service.model_ready()
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+
+INFER_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+        "application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"},
+            "description": f"JSON, then binary tensors; JSON length in {v2_protocol.BINARY_HEADER}",
+        },
+    },
+}
+
+
+@app.post(
+    "/v2/models/{name:model}/infer",
+    response_model=v2_protocol.InferenceResponse,
+    openapi_extra={"requestBody": INFER_BODY},
+    summary="v2: infer with the active version (JSON or binary tensors)",
+)
+@app.post(
+    "/v2/models/{name:model}/versions/{version}/infer",
+    response_model=v2_protocol.InferenceResponse,
+    openapi_extra={"requestBody": INFER_BODY},
+    summary="v2: infer with one version",
+)
+async def infer(
+    name: str,
+    request: Request,
+    service: Service,
+    version: str | None = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = await request.body()
+    infer_request, binary = v2_protocol.parse_request(
+        body, request.headers.get(v2_protocol.BINARY_HEADER)
+    )
+    model = service.catalog.get(name, version)
+    features = service.check(model, v2_protocol.decode_features(infer_request, binary, model))
+    selected = v2_protocol.select_outputs(infer_request, model)
+    plan = v2_protocol.schedule(infer_request.parameters)
+    if wants_async(prefer):
+        accepted = await service.submit(model, features, priority=plan.priority, protocol="v2")
+        return accepted_response(accepted)
+    answer = await service.infer(model, features, priority=plan.priority, timeout_s=plan.timeout_s)
+    answer_v2 = v2_protocol.v2_response(
+        model, answer.outputs, request_id=infer_request.id, selected=selected
+    )
+    content, header_length = v2_protocol.encode(answer_v2, selected)
+    headers = answer_headers(answer)
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers[v2_protocol.BINARY_HEADER] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+# --- jobs -------------------------------------------------------------------------------------
 
 
 @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, summary="Submit an async job")
 async def submit_job(body: JobSubmit, service: Service) -> JSONResponse:
-    accepted = await service.submit(body.model, body.instances, priority=body.priority)
-    return accepted_response(accepted)
+    model = service.catalog.get(body.model, body.version)
+    features = service.rows(model, body.instances)
+    return accepted_response(await service.submit(model, features, priority=body.priority))
 
 
 @app.get("/v1/jobs/{job_id}", response_model=JobPublic, summary="Status and result of a job")
 async def get_job(job_id: str, service: Service) -> JobPublic:
     return await service.job(job_id)
+
+
+# --- model life cycle -------------------------------------------------------------------------
+
+
+@app.post(
+    "/v1/models/{name:model}/train",
+    status_code=202,
+    response_model=JobAccepted,
+    summary="Train a new version through the queue (low priority); the job names the version",
+)
+async def train(name: str, service: Service, body: TrainRequest | None = None) -> JSONResponse:
+    return accepted_response(await service.train(name, body or TrainRequest()))
+
+
+@app.post(
+    "/v1/models/{name:model}/reload",
+    response_model=ReloadResult,
+    summary="Make a version active now (pinned), or the newest (unpinned) with no version",
+)
+async def reload(name: str, service: Service, body: ReloadRequest | None = None) -> ReloadResult:
+    result = await service.reload(name, (body or ReloadRequest()).version)
+    return ReloadResult(**result)
+
+
+def wants_async(prefer: str | None) -> bool:
+    return bool(prefer) and "respond-async" in str(prefer).lower()
+
+
+def answer_headers(answer: Prediction) -> dict[str, str]:
+    headers = {"X-Cache": "hit" if answer.cached else "miss"}
+    headers["X-Model-Version"] = answer.model.version
+    if answer.job_id:
+        headers["X-Job-Id"] = answer.job_id
+    return headers
 
 
 def accepted_response(accepted: JobAccepted) -> JSONResponse:

@@ -26,12 +26,12 @@ class PredictionCache:
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._entries: LRUCache[CacheKey, list[Any]] = LRUCache(maxsize=max(maxsize, 1))
+        self._entries: LRUCache[CacheKey, Any] = LRUCache(maxsize=max(maxsize, 1))
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: CacheKey) -> list[Any] | None:
+    def get(self, key: CacheKey) -> Any | None:
         if self.maxsize == 0:
             return None
         with self._lock:
@@ -42,7 +42,7 @@ class PredictionCache:
                 self.hits += 1
             return value
 
-    def put(self, key: CacheKey, predictions: list[Any]) -> None:
+    def put(self, key: CacheKey, predictions: Any) -> None:
         if self.maxsize:
             with self._lock:
                 self._entries[key] = predictions

@@ -1,8 +1,9 @@
-"""Which version of each model is active, shared through Redis.
+"""The models, their versions and which version is active, shared through Redis.
 
-Workers publish (the refresh task promotes the newest version on disk); API processes keep a
-local copy, pushed by pub/sub and reread in full every few seconds in case a message was
-missed, so validating a request or answering from cache needs no Redis round trip.
+Workers publish an entry per model (hueyserve.promotion decides what is active); API
+processes keep a local copy, pushed by pub/sub and reread in full every few seconds in case a
+message was missed, so validating a request, answering from cache or describing a model needs
+no Redis round trip.
 """
 
 from __future__ import annotations
@@ -11,28 +12,30 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis
 import redis.asyncio as aioredis
 
-from hueyserve.errors import ModelNotFound
+from hueyserve.errors import ModelNotFound, VersionNotFound
 
 logger = logging.getLogger(__name__)
 
-MODELS_KEY = "hueyserve:models"  #: hash name -> JSON {"name", "version", "metadata"}
-MODELS_CHANNEL = "hueyserve:models:changed"  #: pub/sub: the same JSON on every promotion
+MODELS_KEY = "hueyserve:models"  #: hash: name -> ModelEntry JSON
+MODELS_CHANNEL = "hueyserve:models:changed"  #: pub/sub: the same JSON on every change
+LOCK_KEY = "hueyserve:models:lock"  #: held by a worker while it changes an entry
 
 
 @dataclass(frozen=True)
-class ActiveModel:
-    """The version of a model that new requests go to, and what it expects."""
+class ModelVersion:
+    """One version of a model and what it takes and gives (its saved metadata)."""
 
     name: str
     version: str
     metadata: dict[str, Any]
+    active: bool = False
 
     @property
     def n_features(self) -> int:
@@ -42,58 +45,120 @@ class ActiveModel:
     def features(self) -> list[str]:
         return list(self.metadata.get("features") or [])
 
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        """Input tensors (name, datatype, shape); models saved without them take one."""
+        default = [{"name": "features", "datatype": "FP64", "shape": [-1, self.n_features]}]
+        return list(self.metadata.get("inputs") or default)
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        default = [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
+        return list(self.metadata.get("outputs") or default)
+
+    @property
+    def classes(self) -> list[Any] | None:
+        """Class labels in the order of `predict_proba`, for a classifier."""
+        return self.metadata.get("classes")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model: the metadata of every version, and the active one. `pinned` means an operator
+    chose the active version (reload); the periodic refresh then leaves it alone."""
+
+    name: str
+    active: str
+    versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pinned: bool = False
+
+    def get(self, version: str | None = None) -> ModelVersion:
+        """The active version, or the one asked for."""
+        chosen = self.active if version is None else version
+        metadata = self.versions.get(chosen)
+        if metadata is None:
+            raise VersionNotFound(self.name, chosen, list(self.versions))
+        return ModelVersion(self.name, chosen, metadata, active=chosen == self.active)
+
+    def version_list(self) -> list[str]:
+        return sorted(self.versions, key=int)
+
     def to_json(self) -> bytes:
-        return orjson.dumps({"name": self.name, "version": self.version, "metadata": self.metadata})
+        return orjson.dumps(
+            {
+                "name": self.name,
+                "active": self.active,
+                "versions": self.versions,
+                "pinned": self.pinned,
+            }
+        )
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> ActiveModel:
+    def from_json(cls, raw: bytes | str) -> ModelEntry:
         data = orjson.loads(raw)
-        return cls(data["name"], str(data["version"]), data["metadata"])
+        return cls(data["name"], str(data["active"]), data["versions"], bool(data["pinned"]))
 
 
-def publish(conn: redis.Redis, model: ActiveModel) -> None:
-    """Make `model` the active version everywhere (worker side)."""
-    payload = model.to_json()
+# --- worker side (synchronous Redis) --------------------------------------------------------
+
+
+def publish(conn: redis.Redis, entry: ModelEntry) -> None:
+    """Make `entry` what every API process sees."""
+    payload = entry.to_json()
     with conn.pipeline() as pipe:
-        pipe.hset(MODELS_KEY, model.name, payload)
+        pipe.hset(MODELS_KEY, entry.name, payload)
         pipe.publish(MODELS_CHANNEL, payload)
         pipe.execute()
 
 
-def active_versions(conn: redis.Redis) -> dict[str, str]:
-    """Model name -> active version, in one round trip (worker side)."""
-    entries = conn.hgetall(MODELS_KEY)
-    return {(m := ActiveModel.from_json(raw)).name: m.version for raw in entries.values()}
+def entries(conn: redis.Redis) -> dict[str, ModelEntry]:
+    """Every published model, in one round trip."""
+    found = conn.hgetall(MODELS_KEY)
+    return {(e := ModelEntry.from_json(raw)).name: e for raw in found.values()}
+
+
+# --- API side (asyncio) ------------------------------------------------------------------------
 
 
 class ModelCatalog:
-    """The API's local view of the active models (asyncio)."""
+    """The API's local view of the published models."""
 
     def __init__(self, client: aioredis.Redis, *, resync_s: float) -> None:
         self.client = client
         self.resync_s = resync_s
-        self.models: dict[str, ActiveModel] = {}
+        self.models: dict[str, ModelEntry] = {}
         self.synced_at: float | None = None
         self.outage = False
 
-    def get(self, name: str) -> ActiveModel:
-        model = self.models.get(name)
-        if model is None:
+    def entry(self, name: str) -> ModelEntry:
+        found = self.models.get(name)
+        if found is None:
             raise ModelNotFound(name, list(self.models))
-        return model
+        return found
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        """The active version of `name`, or the version asked for; 404 errors otherwise."""
+        return self.entry(name).get(version)
 
     async def resync(self) -> None:
-        entries = await self.client.hgetall(MODELS_KEY)
-        if not entries and self.models:
+        found = await self.client.hgetall(MODELS_KEY)
+        if not found and self.models:
             # Redis lost its data (restart without persistence); workers republish within a
             # heartbeat. Until then the last known versions are better than 404s.
             self.synced_at = time.monotonic()
             return
-        self.models = {(m := ActiveModel.from_json(raw)).name: m for raw in entries.values()}
+        self.models = {(e := ModelEntry.from_json(raw)).name: e for raw in found.values()}
         self.synced_at = time.monotonic()
 
+    def apply(self, entry: ModelEntry) -> None:
+        """Take a change at once (pub/sub, or the answer of a reload this process asked for)."""
+        previous = self.models.get(entry.name)
+        self.models = {**self.models, entry.name: entry}
+        if previous is None or previous.active != entry.active:
+            logger.info("model %s: version %s is now active", entry.name, entry.active)
+
     async def follow(self) -> None:
-        """Apply promotions as they are published; run as a background task until cancelled."""
+        """Apply changes as they are published; run as a background task until cancelled."""
         while True:
             try:
                 await self._follow_once()
@@ -107,16 +172,14 @@ class ModelCatalog:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(MODELS_CHANNEL)
-            await self.resync()  # after subscribing, so no promotion falls in between
+            await self.resync()  # after subscribing, so no change falls in between
             if self.outage:
                 logger.info("model catalog reconnected to Redis")
                 self.outage = False
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
-                    model = ActiveModel.from_json(message["data"])
-                    self.models = {**self.models, model.name: model}
-                    logger.info("model %s: version %s is now active", model.name, model.version)
+                    self.apply(ModelEntry.from_json(message["data"]))
                 if self.synced_at is None or time.monotonic() - self.synced_at > self.resync_s:
                     await self.resync()
         finally:

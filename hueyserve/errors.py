@@ -4,7 +4,9 @@ ServiceError (500)
 ├── BadRequest (400)              malformed JSON
 ├── NotFound (404)
 │   ├── ModelNotFound
+│   ├── VersionNotFound
 │   └── JobNotFound
+├── Conflict (409)                a version that cannot be made active
 ├── PayloadTooLarge (413)         too many instances
 ├── UnsupportedMediaType (415)    a body that is not JSON
 ├── InvalidInput (422)            wrong shape, type or non-finite number
@@ -51,9 +53,19 @@ class ModelNotFound(NotFound):
         super().__init__(f"unknown model {name!r}; available models: {choices}")
 
 
+class VersionNotFound(NotFound):
+    def __init__(self, name: str, version: str, known: list[str]) -> None:
+        choices = ", ".join(sorted(known, key=lambda v: int(v) if v.isdigit() else 0))
+        super().__init__(f"model {name!r} has no version {version!r}; versions: {choices}")
+
+
 class JobNotFound(NotFound):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r}: the id is wrong or its result has expired")
+
+
+class Conflict(ServiceError):
+    status_code = 409
 
 
 class PayloadTooLarge(ServiceError):

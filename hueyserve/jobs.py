@@ -1,4 +1,5 @@
-"""Job records: what happened to each predict task, kept in Redis beside Huey's results.
+"""Job records: what happened to each task (predict, train, reload), kept in Redis beside
+Huey's results.
 
 Huey keeps only the result; a record adds status, timestamps, attempts and the last error, so
 `GET /v1/jobs/{id}` can say `queued` or `running` before there is a result. The API writes the
@@ -14,6 +15,14 @@ from typing import Any
 import redis
 
 JOB_KEY_PREFIX = "hueyserve:job:"  #: + job id -> hash of the fields below, TTL = result TTL
+
+
+class JobKind(StrEnum):
+    """What a job does; the values are the names of the Huey tasks in core.py."""
+
+    PREDICT = "predict"
+    TRAIN = "train"
+    RELOAD = "reload_model"
 
 
 class JobStatus(StrEnum):
@@ -33,16 +42,19 @@ def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
 
-def new_record(*, job_id: str, model: str, version: str, priority: int, n_instances: int) -> Fields:
+def new_record(
+    *, job_id: str, kind: JobKind, model: str, priority: int, **extra: str | int | float
+) -> Fields:
+    """A queued job's record; `extra` adds what the kind needs (version, instances, ...)."""
     return {
         "id": job_id,
+        "kind": kind.value,
         "model": model,
-        "version": version,
         "priority": priority,
-        "instances": n_instances,
         "status": JobStatus.QUEUED.value,
         "attempts": 0,
         "created_at": time.time(),
+        **extra,
     }
 
 

@@ -15,6 +15,9 @@ from cachetools import LRUCache
 
 from hueyserve.store import ModelStore
 
+#: A model's answer: output name -> one value per input row (a column, not rows).
+Outputs = dict[str, list[Any]]
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -25,8 +28,12 @@ class LoadedModel:
     estimator: Any
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def predict(self, features: np.ndarray) -> list[Any]:
-        return list(self.estimator.predict(features).tolist())
+    def predict(self, features: np.ndarray) -> Outputs:
+        """Every output the model has, by name (see `training.describe`), one entry per row."""
+        outputs: Outputs = {"predict": self.estimator.predict(features).tolist()}
+        if self.metadata.get("task") == "classification":
+            outputs["predict_proba"] = self.estimator.predict_proba(features).tolist()
+        return outputs
 
 
 class ModelRegistry:

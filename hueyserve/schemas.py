@@ -1,4 +1,5 @@
-"""The wire protocol: request and response bodies of the HTTP API (KServe v1 and jobs)."""
+"""Request and response bodies of KServe v1, jobs and model administration (the Open
+Inference Protocol v2 lives in hueyserve.v2_protocol)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from hueyserve.jobs import JobStatus
+from hueyserve.catalog import ModelVersion
+from hueyserve.jobs import JobKind, JobStatus
+from hueyserve.registry import Outputs
 
 #: One feature value: a real JSON number. Strings, booleans, null, NaN and Infinity are refused.
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -41,11 +44,23 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """KServe v1 answer: one prediction per instance, in order."""
+    """KServe v1 answer: one prediction per instance, in order. A regressor predicts a number;
+    a classifier `{"class": label, "probabilities": {label: p, ...}}`."""
 
     predictions: list[Any]
     model_name: str
     model_version: str
+
+
+def v1_predictions(model: ModelVersion, outputs: Outputs) -> list[Any]:
+    """The worker's output columns as one v1 prediction per row."""
+    labels = outputs["predict"]
+    if model.classes is None or "predict_proba" not in outputs:
+        return labels
+    return [
+        {"class": label, "probabilities": dict(zip(model.classes, row, strict=True))}
+        for label, row in zip(labels, outputs["predict_proba"], strict=True)
+    ]
 
 
 class JobSubmit(BaseModel):
@@ -56,6 +71,7 @@ class JobSubmit(BaseModel):
     )
 
     model: str = Field(min_length=1, max_length=200)
+    version: str | None = Field(default=None, description="A version; the active one if unset.")
     instances: Instances
     priority: Priority | None = None
 
@@ -67,13 +83,14 @@ class JobAccepted(BaseModel):
     status: JobStatus
     location: str
     model_name: str
-    model_version: str
+    model_version: str | None = None
 
 
 class JobPublic(BaseModel):
     """Everything known about a job; `result` once done, `error` once failed."""
 
     job_id: str
+    kind: JobKind = JobKind.PREDICT
     status: JobStatus
     model_name: str | None = None
     model_version: str | None = None
@@ -85,6 +102,71 @@ class JobPublic(BaseModel):
     finished_at: dt.datetime | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+
+
+class ModelList(BaseModel):
+    """KServe v1 `GET /v1/models`."""
+
+    models: list[str]
+
+
+class ModelStatus(BaseModel):
+    """KServe v1 `GET /v1/models/{name}`, with the versions."""
+
+    name: str
+    ready: bool
+    active_version: str
+    versions: list[str]
+
+
+class TrainRequest(BaseModel):
+    """A training job. Unset fields come from the model's active version (so `{}` retrains it
+    as it was); `params` are merged over the previous ones when the estimator stays."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {},
+                {"params": {"n_estimators": 50, "max_depth": 6}},
+                {"dataset": "iris", "estimator": "RandomForestClassifier"},
+                {"dataset": "houses.csv", "target": "price", "estimator": "Ridge"},
+            ]
+        },
+    )
+
+    dataset: str | None = Field(
+        default=None,
+        max_length=200,
+        description="iris, diabetes, wine, breast_cancer, or a .csv in HUEYSERVE_DATASET_DIR.",
+    )
+    target: str | None = Field(default=None, max_length=200, description="CSV target column.")
+    estimator: str | None = Field(default=None, description="A scikit-learn estimator class.")
+    params: dict[str, JsonValue] | None = Field(
+        default=None, description="Estimator parameters, checked by scikit-learn."
+    )
+    test_size: float | None = Field(default=None, gt=0, lt=1, description="Held-out share.")
+    random_state: int | None = Field(default=None, ge=0, description="Split and estimator seed.")
+    priority: Priority | None = None
+
+    def plan_fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"priority"})
+
+
+class ReloadRequest(BaseModel):
+    """Which version to make active; none means the newest (and unpins the model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(default=None, max_length=20)
+
+
+class ReloadResult(BaseModel):
+    model_name: str
+    active_version: str
+    previous_version: str | None
+    pinned: bool
+    job_id: str
 
 
 class ErrorBody(BaseModel):

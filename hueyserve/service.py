@@ -1,10 +1,12 @@
 """What the API does for a request: validate against the model, answer from cache or enqueue,
-wait for the result, read jobs, report health. main.py only maps HTTP onto this.
+wait for the result, read jobs, plan training and reloads, report health. main.py only maps
+HTTP (v1 and v2) onto this.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,10 +17,11 @@ from huey.api import TaskWrapper
 from huey.constants import EmptyData
 from huey.utils import Error
 
-from hueyserve import heartbeat
+from hueyserve import heartbeat, training
 from hueyserve.cache import PredictionCache, cache_key
-from hueyserve.catalog import ActiveModel, ModelCatalog
+from hueyserve.catalog import ModelCatalog, ModelVersion
 from hueyserve.errors import (
+    Conflict,
     InvalidInput,
     JobNotFound,
     PayloadTooLarge,
@@ -28,21 +31,35 @@ from hueyserve.errors import (
     ResultUnavailable,
     ServiceError,
 )
-from hueyserve.jobs import JobStatus, new_record
+from hueyserve.jobs import JobKind, JobStatus, new_record
 from hueyserve.queue import TaskQueue, redis_errors
-from hueyserve.schemas import JobAccepted, JobPublic
+from hueyserve.registry import Outputs
+from hueyserve.schemas import JobAccepted, JobPublic, TrainRequest, v1_predictions
 from hueyserve.settings import Settings
+from hueyserve.v2_protocol import v2_response
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 ENDED = (JobStatus.DONE, JobStatus.FAILED)
+#: Model names: also directory names in the store, so nothing that could leave it.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RELOAD_PRIORITY = 100  # a reload is quick and someone waits for it
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """The Huey tasks the API enqueues (core.py defines them; tests may swap them)."""
+
+    predict: TaskWrapper
+    train: TaskWrapper
+    reload: TaskWrapper
 
 
 @dataclass(frozen=True)
 class Prediction:
     """A sync answer and where it came from."""
 
-    predictions: list[Any]
-    model: ActiveModel
+    outputs: Outputs
+    model: ModelVersion
     cached: bool
     job_id: str | None = None
 
@@ -57,80 +74,79 @@ class PredictService:
         queue: TaskQueue,
         catalog: ModelCatalog,
         cache: PredictionCache,
-        task: TaskWrapper,
+        tasks: Tasks,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.catalog = catalog
         self.cache = cache
-        self.task = task
+        self.tasks = tasks
         self.enqueued = 0  # tasks this process put on the queue (cache hits put none)
 
     # --- predict --------------------------------------------------------------------------
 
-    def validate(self, name: str, instances: list[list[float]]) -> tuple[ActiveModel, np.ndarray]:
-        """The active model and the rows as a float array, or the 4xx that says what to fix."""
-        model = self.catalog.get(name)
-        if len(instances) > self.settings.max_instances:
+    def rows(self, model: ModelVersion, instances: list[list[float]]) -> np.ndarray:
+        """KServe v1 instances as a checked float array, or the 4xx that says what to fix."""
+        self._check_count(len(instances))
+        for index, row in enumerate(instances):
+            if len(row) != model.n_features:
+                raise InvalidInput(f"instances[{index}] has {len(row)} features; {_expects(model)}")
+        return self.check(model, np.asarray(instances, dtype=np.float64))
+
+    def check(self, model: ModelVersion, features: np.ndarray) -> np.ndarray:
+        """A [rows, n_features] float64 array the model can take, or the 4xx saying why not."""
+        if features.ndim != 2 or features.shape[1] != model.n_features:
+            raise InvalidInput(f"got shape {list(features.shape)}; {_expects(model)}")
+        self._check_count(features.shape[0])
+        if features.size and np.abs(features).max() > FLOAT32_MAX:  # sklearn uses float32
+            raise InvalidInput(f"a feature value is beyond ±{FLOAT32_MAX:.3g}; scale the input")
+        if not np.isfinite(features).all():
+            raise InvalidInput("NaN and Infinity are not allowed as feature values")
+        return features
+
+    def _check_count(self, rows: int) -> None:
+        if rows > self.settings.max_instances:
             raise PayloadTooLarge(
-                f"{len(instances)} instances in one request; the limit is "
+                f"{rows} instances in one request; the limit is "
                 f"{self.settings.max_instances} (HUEYSERVE_MAX_INSTANCES): split the request"
             )
-        expected = model.n_features
-        for index, row in enumerate(instances):
-            if len(row) != expected:
-                names = f" ({', '.join(model.features)})" if model.features else ""
-                raise InvalidInput(
-                    f"instances[{index}] has {len(row)} features; model {name!r} "
-                    f"expects {expected}{names}"
-                )
-        features = np.asarray(instances, dtype=np.float64)
-        if np.abs(features).max() > FLOAT32_MAX:  # scikit-learn computes in float32
-            raise InvalidInput(f"a feature value is beyond ±{FLOAT32_MAX:.3g}; scale the input")
-        return model, features
+        if rows == 0:
+            raise InvalidInput("no instances: send at least one row")
 
-    async def predict(
+    async def infer(
         self,
-        name: str,
-        instances: list[list[float]],
+        model: ModelVersion,
+        features: np.ndarray,
         *,
         priority: int | None,
         timeout_s: float | None,
     ) -> Prediction:
         """Answer at once from cache, or enqueue and wait for the worker's result."""
-        model, features = self.validate(name, instances)
         key = cache_key(model.name, model.version, features)
         cached = self.cache.get(key)
         if cached is not None:
             return Prediction(cached, model, cached=True)
         wait_s = self._timeout(timeout_s)
-        job_id = await self._enqueue(model, instances, _or(priority, self.settings.sync_priority))
-        try:
-            if not await self.queue.wait(job_id, wait_s):
-                raise PredictTimeout(job_id, wait_s)
-            value = await self.queue.result(job_id)
-        except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
-            raise ResultUnavailable(job_id, exc.message) from exc
-        if value is EmptyData:  # expired between the notification and the read
-            raise PredictionFailed(job_id, "the result disappeared before it could be read")
-        if isinstance(value, Error):
-            raise PredictionFailed(job_id, str(value.metadata.get("error")))
+        job_id = await self._predict_job(
+            model, features, _or(priority, self.settings.sync_priority)
+        )
+        value = await self._wait(job_id, wait_s)
         self.cache.put(key, value)
         return Prediction(value, model, cached=False, job_id=job_id)
 
     async def submit(
-        self, name: str, instances: list[list[float]], *, priority: int | None
+        self,
+        model: ModelVersion,
+        features: np.ndarray,
+        *,
+        priority: int | None,
+        protocol: str = "v1",
     ) -> JobAccepted:
-        """Enqueue an async job and say where to find it."""
-        model, _ = self.validate(name, instances)
-        job_id = await self._enqueue(model, instances, _or(priority, self.settings.async_priority))
-        return JobAccepted(
-            job_id=job_id,
-            status=JobStatus.QUEUED,
-            location=f"/v1/jobs/{job_id}",
-            model_name=model.name,
-            model_version=model.version,
+        """Enqueue an async predict job and say where to find it."""
+        job_id = await self._predict_job(
+            model, features, _or(priority, self.settings.async_priority), protocol=protocol
         )
+        return _accepted(job_id, model.name, model.version)
 
     def _timeout(self, requested_s: float | None) -> float:
         limit = self.settings.predict_timeout_s
@@ -141,21 +157,78 @@ class PredictService:
             )
         return requested_s or limit
 
-    async def _enqueue(
-        self, model: ActiveModel, instances: list[list[float]], priority: int
+    async def _predict_job(
+        self, model: ModelVersion, features: np.ndarray, priority: int, protocol: str = "v1"
     ) -> str:
-        task = self.task.s(model.name, model.version, instances, priority=priority)
+        args = (model.name, model.version, features)
+        return await self._enqueue(
+            self.tasks.predict, args, JobKind.PREDICT, model.name, priority,
+            version=model.version, instances=len(features), protocol=protocol,
+        )  # fmt: skip
+
+    async def _enqueue(
+        self,
+        wrapper: TaskWrapper,
+        args: tuple[Any, ...],
+        kind: JobKind,
+        model: str,
+        priority: int,
+        **extra: str | int | float,
+    ) -> str:
+        task = wrapper.s(*args, priority=priority)
         task.id = str(uuid.uuid4())
-        record = new_record(
-            job_id=task.id,
-            model=model.name,
-            version=model.version,
-            priority=priority,
-            n_instances=len(instances),
-        )
+        record = new_record(job_id=task.id, kind=kind, model=model, priority=priority, **extra)
         await self.queue.enqueue(task, record)
         self.enqueued += 1
         return str(task.id)
+
+    async def _wait(self, job_id: str, wait_s: float) -> Any:
+        """The job's result once stored; its error or a timeout as the matching ServiceError."""
+        try:
+            if not await self.queue.wait(job_id, wait_s):
+                raise PredictTimeout(job_id, wait_s)
+            value = await self.queue.result(job_id)
+        except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
+            raise ResultUnavailable(job_id, exc.message) from exc
+        if value is EmptyData:  # expired between the notification and the read
+            raise PredictionFailed(job_id, "the result disappeared before it could be read")
+        if isinstance(value, Error):
+            raise PredictionFailed(job_id, str(value.metadata.get("error")))
+        return value
+
+    # --- model life cycle -----------------------------------------------------------------
+
+    async def train(self, name: str, request: TrainRequest) -> JobAccepted:
+        """Plan and check a training job (bad parameters: 422), then queue it low."""
+        entry = self.catalog.models.get(name)
+        previous = entry.get().metadata if entry else None
+        try:
+            plan = training.plan(
+                previous, **request.plan_fields(), data_dir=self.settings.dataset_dir
+            )
+        except training.TrainingError as exc:
+            raise InvalidInput(str(exc)) from exc
+        priority = _or(request.priority, self.settings.train_priority)
+        job_id = await self._enqueue(self.tasks.train, (name, plan), JobKind.TRAIN, name, priority)
+        return _accepted(job_id, name, None)
+
+    async def reload(self, name: str, version: str | None) -> dict[str, Any]:
+        """Make `version` (or the newest) active now, through a worker that loads it first."""
+        entry = self.catalog.entry(name)
+        if version is not None:
+            entry.get(version)  # 404 for a version nobody published
+        job_id = await self._enqueue(
+            self.tasks.reload, (name, version), JobKind.RELOAD, name, RELOAD_PRIORITY
+        )
+        try:
+            result: dict[str, Any] = await self._wait(job_id, self.settings.predict_timeout_s)
+        except PredictionFailed as exc:
+            raise Conflict(exc.message) from exc
+        # This process answers with the new version from its next request on, without waiting
+        # for the pub/sub message (other API processes get it within milliseconds).
+        async with redis_errors():
+            await self.catalog.resync()
+        return {**result, "job_id": job_id}
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -170,13 +243,14 @@ class PredictService:
         if isinstance(value, Error):
             status, error = JobStatus.FAILED, record.get("error") or str(value.metadata["error"])
         elif value is not EmptyData:
-            status, result = JobStatus.DONE, {"predictions": value}
+            status, result = JobStatus.DONE, self._job_result(record, value)
         elif status is JobStatus.FAILED:
             error = record.get("error")
         elif status is JobStatus.DONE:
             status = JobStatus.RUNNING
         return JobPublic(
             job_id=job_id,
+            kind=record.get("kind", JobKind.PREDICT.value),
             status=status,
             model_name=record.get("model"),
             model_version=record.get("version"),
@@ -189,6 +263,18 @@ class PredictService:
             result=result,
             error=error if status is JobStatus.FAILED else None,
         )
+
+    def _job_result(self, record: dict[str, str], value: Any) -> dict[str, Any]:
+        """A predict job's outputs in the protocol it was submitted with; other kinds as is."""
+        if record.get("kind", JobKind.PREDICT.value) != JobKind.PREDICT.value:
+            return dict(value)
+        try:
+            model = self.catalog.get(record["model"], record["version"])
+        except ServiceError:  # the version is gone from the catalog: give the raw outputs
+            return {"outputs": value}
+        if record.get("protocol") == "v2":
+            return v2_response(model, value, request_id=None).model_dump(exclude_none=True)
+        return {"predictions": v1_predictions(model, value)}
 
     # --- health ---------------------------------------------------------------------------
 
@@ -204,6 +290,13 @@ class PredictService:
         if not self.catalog.models:
             reasons.append("no model is loaded yet")
         return reasons
+
+    async def model_ready(self) -> bool:
+        """A published model is ready when some worker is alive to serve it."""
+        try:
+            return bool(await self.workers())
+        except ServiceError:
+            return False
 
     async def workers(self) -> dict[str, float]:
         """Workers seen within the heartbeat TTL, with the age of their last beat in seconds."""
@@ -231,10 +324,25 @@ class PredictService:
             redis_info = {"ok": False, "error": exc.message}
         return {
             "redis": redis_info,
-            "models": {m.name: m.version for m in self.catalog.models.values()},
+            "models": {m.name: m.active for m in self.catalog.models.values()},
             "cache": self.cache.stats(),
             "enqueued": self.enqueued,
         }
+
+
+def _expects(model: ModelVersion) -> str:
+    names = f" ({', '.join(model.features)})" if model.features else ""
+    return f"model {model.name!r} expects {model.n_features} features per row{names}"
+
+
+def _accepted(job_id: str, model: str, version: str | None) -> JobAccepted:
+    return JobAccepted(
+        job_id=job_id,
+        status=JobStatus.QUEUED,
+        location=f"/v1/jobs/{job_id}",
+        model_name=model,
+        model_version=version,
+    )
 
 
 def _or(value: int | None, default: int) -> int:

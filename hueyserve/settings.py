@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     predict_timeout_s: float = Field(30.0, gt=0, description="Default and maximum sync wait.")
     sync_priority: int = Field(10, description="Default priority of blocking predicts.")
     async_priority: int = Field(5, description="Default priority of async jobs.")
+    train_priority: int = Field(0, description="Priority of training jobs (below everything).")
     retries: int = Field(2, ge=0, description="Retries of a failed predict task.")
     retry_delay_s: float = Field(1.0, ge=0, description="Delay before the first retry.")
     retry_backoff: float = Field(2.0, ge=1, description="Each retry waits this many times longer.")
@@ -59,6 +60,17 @@ class Settings(BaseSettings):
     max_instances: int = Field(1000, ge=1, description="Most rows per request (413 past).")
     catalog_resync_s: float = Field(5.0, gt=0, description="API: full reread of active models.")
 
+    # --- Training ------------------------------------------------------------------------
+    dataset_dir: Path = Field(
+        Path("datasets"), description="CSV files a training job may name (`dataset`)."
+    )
+    retrain_cron: str = Field(
+        "", description="Crontab for retraining models whose data changed; empty = off."
+    )
+    retrain_models: str = Field(
+        "", description="Comma-separated models the scheduled retrain covers; empty = all."
+    )
+
     # --- Logs ------------------------------------------------------------------------------
     log_dir: Path = Field(Path("logs"), description="Rotating log files go here.")
 
@@ -78,13 +90,15 @@ class Settings(BaseSettings):
             raise ValueError("HUEYSERVE_WORKER_TYPE must be thread, process or greenlet")
         return value
 
-    @field_validator("refresh_cron")
+    @field_validator("refresh_cron", "retrain_cron")
     @classmethod
-    def _check_cron(cls, value: str) -> str:
+    def _check_cron(cls, value: str, info: ValidationInfo) -> str:
+        if info.field_name == "retrain_cron" and not value.strip():
+            return ""  # off
         if len(value.split()) != 5:
             raise ValueError(
-                "HUEYSERVE_REFRESH_CRON needs five fields (minute hour day month weekday), "
-                f"got {value!r}"
+                f"HUEYSERVE_{str(info.field_name).upper()} needs five fields "
+                f"(minute hour day month weekday), got {value!r}"
             )
         return value
 

@@ -27,6 +27,7 @@ os.environ.update(
     {
         "REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0",
         "HUEYSERVE_MODEL_DIR": str(SESSION_DIR / "models"),
+        "HUEYSERVE_DATASET_DIR": str(SESSION_DIR / "datasets"),
         "HUEYSERVE_LOG_DIR": str(SESSION_DIR / "logs"),
         "HUEYSERVE_HEARTBEAT_INTERVAL_S": "0.5",
         "HUEYSERVE_HEARTBEAT_TTL_S": "3",
@@ -72,9 +73,9 @@ def redis_conn(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def demo_models() -> Path:
-    """The demo model trained once per session; tests get copies."""
+    """The demo models trained once per session; tests get copies."""
     root = SESSION_DIR / "demo-models"
-    ensure_demo_models(ModelStore(root))
+    ensure_demo_models(ModelStore(root), SESSION_DIR / "datasets")
     return root
 
 
@@ -141,7 +142,7 @@ def serve_model(
     def serve(name: str, estimator: Any, *, n_features: int, client: TestClient) -> None:
         metadata = {"n_features": n_features, "features": [f"x{i}" for i in range(n_features)]}
         core.registry.register(LoadedModel(name, "1", estimator, metadata))
-        catalog.publish(redis_conn, catalog.ActiveModel(name, "1", metadata))
+        catalog.publish(redis_conn, catalog.ModelEntry(name, "1", {"1": metadata}))
         names.append(name)
         service = client.app.state.service  # type: ignore[attr-defined]
         wait_for(lambda: name in service.catalog.models, f"the API sees model {name!r}")

@@ -17,8 +17,8 @@ from hueyserve import catalog
 from hueyserve.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
 from hueyserve.store import ModelStore
-from hueyserve.training import train_diabetes
 from tests.conftest import FlakyModel, GateModel, wait_for
+from tests.test_store import train_diabetes
 
 PREDICT = "/v1/models/diabetes:predict"
 
@@ -119,7 +119,7 @@ def test_refresh_serves_new_version_without_stale_cache(
 ) -> None:
     old = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
     assert client.post(PREDICT, json={"instances": EXAMPLE_ROWS}).headers["X-Cache"] == "hit"
-    model, metadata = train_diabetes(n_estimators=5, random_state=1)
+    model, metadata = train_diabetes(n_estimators=5)
     assert model_store.save("diabetes", model, metadata) == "2"
     core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute
     service = client.app.state.service  # type: ignore[attr-defined]
@@ -231,7 +231,7 @@ def test_health_reports_ready_with_details(client: TestClient) -> None:
     wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness")
     assert client.get("/v2/health/ready").json() == {"ready": True}
     details = client.get("/health").json()
-    assert details["models"] == {"diabetes": "1"}
+    assert details["models"] == {"diabetes": "1", "iris": "1"}
     assert details["redis"]["ok"] and details["redis"]["workers"]
     assert details["redis"]["queue_depth"] == 0
     assert set(details["cache"]) >= {"size", "hits", "misses", "hit_rate"}

@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sklearn.preprocessing import FunctionTransformer
 
 from hueyserve.store import ModelStore, UntrustedModelFile
-from hueyserve.training import DEMO_MODEL, ensure_demo_models, train_diabetes
+from hueyserve.training import DEMOS, TrainPlan, ensure_demo_models, train
+
+
+def train_diabetes(n_estimators: int) -> tuple[Any, dict[str, Any]]:
+    return train(
+        TrainPlan("diabetes", "RandomForestRegressor", {"n_estimators": n_estimators}), Path()
+    )
 
 
 def test_versions_count_up_and_newest_wins(tmp_path: Path) -> None:
@@ -34,17 +41,21 @@ def test_a_deleted_version_number_is_never_reused(tmp_path: Path) -> None:
     assert store.save("m", model, metadata) == "3"
 
 
-def test_demo_model_is_bootstrapped_once(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
-    ensure_demo_models(store)
-    ensure_demo_models(store)
-    assert store.versions(DEMO_MODEL) == ["1"]
-    metadata = store.metadata(DEMO_MODEL, "1")
+def test_demo_models_are_bootstrapped_once(demo_models: Path) -> None:
+    store = ModelStore(demo_models)  # the session's, made by ensure_demo_models
+    ensure_demo_models(store, Path())
+    assert store.names() == sorted(DEMOS) and store.versions("diabetes") == ["1"]
+    metadata = store.metadata("diabetes", "1")
     assert metadata["n_features"] == 10 and len(metadata["features"]) == 10
     assert metadata["params"]["n_estimators"] == 100
     assert {"r2", "mae", "rmse"} <= set(metadata["metrics"]) and metadata["created"]
-    loaded = store.load(DEMO_MODEL, "1")
-    assert loaded.predict(np.zeros((1, 10))).shape == (1,)
+    assert metadata["outputs"] == [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
+    assert store.load("diabetes", "1").predict(np.zeros((1, 10))).shape == (1,)
+    iris = store.metadata("iris", "1")
+    assert iris["task"] == "classification" and iris["metrics"]["accuracy"] > 0.9
+    assert iris["classes"] == ["setosa", "versicolor", "virginica"]
+    assert iris["inputs"] == [{"name": "features", "datatype": "FP64", "shape": [-1, 4]}]
+    assert [o["datatype"] for o in iris["outputs"]] == ["BYTES", "FP64"]
 
 
 def test_untrusted_model_file_is_refused(tmp_path: Path) -> None:
