@@ -1,0 +1,165 @@
+"""The model life cycle through the real queue: train a version, promote it, serve it, address
+old versions explicitly, pin and unpin with reload, retrain when the data changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+import core
+from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve.settings import settings
+from hueyserve.store import ModelStore
+from tests.conftest import wait_for
+from tests.test_main import PREDICT, poll_job
+
+
+def train(client: TestClient, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Submit a training job and wait until it is done; returns the finished job."""
+    accepted = client.post(f"/v1/models/{name}/train", json=body)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["model_name"] == name
+    return poll_job(client, accepted.json()["job_id"])
+
+
+def active(client: TestClient, name: str) -> str:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    return str(service.catalog.get(name).version)
+
+
+def write_csv(name: str, rows: list[list[Any]], header: list[str]) -> Path:
+    path: Path = settings.dataset_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_train_promote_serve_and_address_old_version(
+    client: TestClient, model_store: ModelStore
+) -> None:
+    job = train(client, "diabetes", {"params": {"n_estimators": 10, "max_depth": 4}})
+    assert job["kind"] == "train" and job["priority"] == settings.train_priority
+    assert job["result"]["model_version"] == "2" and job["result"]["active_version"] == "2"
+    assert set(job["result"]["metrics"]) == {"r2", "mae", "rmse"}
+    wait_for(lambda: active(client, "diabetes") == "2", "the API to see version 2")
+    metadata = model_store.metadata("diabetes", "2")
+    assert metadata["params"] == {"n_estimators": 10, "max_depth": 4}
+    assert metadata["training"]["plan"]["dataset"] == "diabetes"
+
+    rows = np.array(EXAMPLE_ROWS)
+    new = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+    assert new.headers["X-Model-Version"] == "2"
+    assert new.json()["predictions"] == model_store.load("diabetes", "2").predict(rows).tolist()
+    old = client.post("/v1/models/diabetes/versions/1:predict", json={"instances": EXAMPLE_ROWS})
+    assert old.json()["model_version"] == "1"
+    assert old.json()["predictions"] == model_store.load("diabetes", "1").predict(rows).tolist()
+    assert client.get("/v1/models/diabetes").json()["versions"] == ["1", "2"]
+
+
+def test_new_model_from_a_csv(client: TestClient, model_store: ModelStore) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    y = x @ [2.0, -1.0, 0.5] + 3
+    write_csv("lines.csv", np.column_stack([x, y]).tolist(), ["a", "b", "c", "y"])
+    job = train(client, "lines", {"dataset": "lines.csv", "estimator": "Ridge"})
+    assert job["result"]["model_version"] == "1" and job["result"]["metrics"]["r2"] > 0.99
+    wait_for(lambda: "lines" in client.get("/v1/models").json()["models"], "the new model")
+    meta = client.get("/v2/models/lines").json()
+    assert meta["inputs"][0]["shape"] == [-1, 3] and meta["parameters"]["features"] == list("abc")
+    answer = client.post("/v1/models/lines:predict", json={"instances": [[1, 1, 1]]}).json()
+    assert answer["predictions"] == pytest.approx([4.5], abs=0.05)
+
+
+def test_classifier_from_a_csv_with_text_labels(
+    client: TestClient, model_store: ModelStore
+) -> None:
+    rows = [[i, i % 7, "big" if i > 20 else "small"] for i in range(40)]
+    write_csv("sizes.csv", rows, ["size", "noise", "label"])
+    body = {"dataset": "sizes.csv", "target": "label", "estimator": "RandomForestClassifier"}
+    job = train(client, "sizes", {**body, "params": {"n_estimators": 5}})
+    assert job["result"]["metrics"]["accuracy"] > 0.8
+    wait_for(lambda: "sizes" in client.get("/v1/models").json()["models"], "the new model")
+    prediction = client.post("/v1/models/sizes:predict", json={"instances": [[35, 1]]}).json()
+    assert prediction["predictions"][0]["class"] == "big"
+    assert set(prediction["predictions"][0]["probabilities"]) == {"big", "small"}
+
+
+def test_training_that_fails_in_the_worker_says_why(
+    client: TestClient, model_store: ModelStore
+) -> None:
+    write_csv("labels.csv", [[i, "x" if i % 2 else "y"] for i in range(10)], ["v", "label"])
+    accepted = client.post(
+        "/v1/models/labels/train", json={"dataset": "labels.csv", "estimator": "Ridge"}
+    )
+    job = poll_job(client, accepted.json()["job_id"], status="failed")
+    assert "holds labels; use a classifier" in job["error"]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "fragment"),
+    [
+        ("diabetes", {"params": {"n_estimators": -1}}, "n_estimators"),
+        ("diabetes", {"params": {"n_estimators": "many"}}, "n_estimators"),
+        ("diabetes", {"params": {"colour": "red"}}, "Invalid parameter 'colour'"),
+        ("diabetes", {"estimator": "SVC"}, "unknown estimator 'SVC'"),
+        ("diabetes", {"dataset": "mnist"}, "unknown dataset 'mnist'"),
+        ("diabetes", {"dataset": "../secrets.csv"}, "outside the data folder"),
+        ("diabetes", {"dataset": "missing.csv"}, "no file 'missing.csv'"),
+        ("diabetes", {"test_size": 1.5}, "test_size"),
+        ("diabetes", {"epochs": 3}, "epochs"),
+        ("brand-new", {"dataset": "iris"}, "needs 'dataset' and 'estimator'"),
+    ],
+)
+def test_bad_training_requests_are_422(
+    client: TestClient, name: str, body: dict[str, Any], fragment: str
+) -> None:
+    response = client.post(f"/v1/models/{name}/train", json=body)
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["error"]
+
+
+def test_reload_pins_a_version_and_unpins_to_the_newest(
+    client: TestClient, model_store: ModelStore
+) -> None:
+    train(client, "iris", {"params": {"C": 0.1}})
+    wait_for(lambda: active(client, "iris") == "2", "version 2")
+    pinned = client.post("/v1/models/iris/reload", json={"version": "1"})
+    assert pinned.status_code == 200, pinned.text
+    body = pinned.json()
+    assert (body["active_version"], body["previous_version"], body["pinned"]) == ("1", "2", True)
+    assert active(client, "iris") == "1"  # this API process knows before it answers
+    core.refresh_models.call_local()  # the periodic refresh leaves a pinned model alone
+    assert client.get("/v1/models/iris").json()["active_version"] == "1"
+    unpinned = client.post("/v1/models/iris/reload").json()
+    assert (unpinned["active_version"], unpinned["pinned"]) == ("2", False)
+    assert client.post("/v1/models/iris/reload", json={"version": "5"}).status_code == 404
+    assert client.post("/v1/models/nope/reload").status_code == 404
+
+
+def test_a_version_that_does_not_load_is_refused(
+    client: TestClient, model_store: ModelStore
+) -> None:
+    train(client, "iris", {})
+    wait_for(lambda: active(client, "iris") == "2", "version 2")
+    (model_store.root / "iris" / "1" / "model.skops").write_bytes(b"not a model")
+    core.registry.clear()
+    response = client.post("/v1/models/iris/reload", json={"version": "1"})
+    assert response.status_code == 409 and "does not load" in response.json()["error"]
+    assert client.get("/v1/models/iris").json()["active_version"] == "2"
+
+
+def test_scheduled_retrain_follows_the_data(client: TestClient, model_store: ModelStore) -> None:
+    rows = [[i, 2 * i + 1] for i in range(30)]
+    path = write_csv("trend.csv", rows, ["x", "y"])
+    train(client, "trend", {"dataset": "trend.csv", "estimator": "Ridge"})
+    assert core.retrain_models.call_local() == {}  # data unchanged: nothing to do
+    path.write_text(path.read_text() + "".join(f"{i},{3 * i}\n" for i in range(30, 60)))
+    assert core.retrain_models.call_local() == {"trend": "2"}
+    wait_for(lambda: active(client, "trend") == "2", "the retrained version")
+    metadata = model_store.metadata("trend", "2")
+    assert metadata["training"]["n_train"] + metadata["training"]["n_test"] == 60
