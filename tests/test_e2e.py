@@ -4,19 +4,26 @@ subprocesses on the session's Redis, then HTTP and a short locust run against th
 from __future__ import annotations
 
 import csv
+import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
+import numpy as np
 import pytest
 import redis
 
 from hueyserve.redis_server import free_port
 from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve.store import ModelStore
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +58,7 @@ def stack(redis_conn: redis.Redis, demo_models: Path, tmp_path: Path) -> Iterato
         "HUEYSERVE_LOG_DIR": str(tmp_path / "logs"),
     }
     port = free_port()
-    consumer = spawn([str(BIN / "huey_consumer"), "core.huey", "-k", "thread", "-w", "2"], env)
+    consumer = spawn([str(BIN / "huey_consumer"), "core.huey", "-k", "thread", "-w", "4"], env)
     api = spawn(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port),
          "--log-config", "config/logger.config"],
@@ -107,3 +114,113 @@ def test_locust_scenarios_run_without_failures(stack: tuple[str, Path], tmp_path
         total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
     assert int(total["Request Count"]) > 0
     assert int(total["Failure Count"]) == 0, result.stderr[-2000:]
+
+
+def test_standard_v2_client_gets_correct_predictions(
+    stack: tuple[str, Path], tmp_path: Path
+) -> None:
+    """tritonclient, the most used v2 client, unchanged: binary tensors by default."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    base, _ = stack
+    store = ModelStore(tmp_path / "models")
+    client = triton.InferenceServerClient(url=base.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("iris") and client.is_model_ready("diabetes", "1")
+        assert client.get_server_metadata()["name"] == "hueyserve"
+        assert client.get_model_metadata("diabetes")["inputs"][0]["shape"] == [-1, 10]
+
+        rows = np.array(EXAMPLE_ROWS)
+        tensor = triton.InferInput("features", list(rows.shape), "FP64")
+        tensor.set_data_from_numpy(rows)  # binary_data=True: Triton's binary extension
+        result = client.infer("diabetes", [tensor], request_id="r1")
+        expected = store.load("diabetes", "1").predict(rows)
+        assert np.array_equal(result.as_numpy("predict"), expected)
+        assert result.get_response()["id"] == "r1"
+
+        flowers = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)
+        tensor = triton.InferInput("features", list(flowers.shape), "FP32")
+        tensor.set_data_from_numpy(flowers, binary_data=False)  # JSON this time
+        outputs = [
+            triton.InferRequestedOutput("predict"),
+            triton.InferRequestedOutput("predict_proba", binary_data=False),
+        ]
+        result = client.infer(
+            "iris", [tensor], model_version="1", outputs=outputs, priority=1, timeout=5_000_000
+        )
+        iris = store.load("iris", "1")
+        labels = [label.decode() for label in result.as_numpy("predict")]
+        assert labels == iris.predict(flowers.astype(np.float64)).tolist()
+        assert np.allclose(result.as_numpy("predict_proba"), iris.predict_proba(flowers))
+
+        wrong = triton.InferInput("features", [1, 3], "FP64")
+        wrong.set_data_from_numpy(np.zeros((1, 3)))
+        with pytest.raises(InferenceServerException, match="expects 10 features"):
+            client.infer("diabetes", [wrong])
+    finally:
+        client.close()
+
+
+def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_path: Path) -> None:
+    """Switch versions back and forth while 8 clients predict: every request succeeds with the
+    answer of the version it names, and none that starts after a switch gets the old one."""
+    base, _ = stack
+    with httpx.Client(base_url=base, timeout=30) as http:
+        accepted = http.post("/v1/models/diabetes/train", json={"params": {"n_estimators": 20}})
+        job = wait_for(
+            lambda: (
+                (body := http.get(accepted.headers["Location"]).json())["status"] == "done" and body
+            ),
+            "version 2 to be trained",
+            timeout_s=60,
+        )
+    assert job["result"]["model_version"] == "2"
+    rows = np.random.default_rng(0).normal(scale=0.05, size=(300, 10))
+    store = ModelStore(tmp_path / "models")
+    expected = {v: store.load("diabetes", v).predict(rows).tolist() for v in ("1", "2")}
+    calls: list[tuple[float, float, int, str, int, Any]] = []
+    stop_load = threading.Event()
+
+    def load(seed: int) -> None:
+        pick = random.Random(seed)
+        with httpx.Client(base_url=base, timeout=30) as client:
+            while not stop_load.is_set():
+                index = pick.randrange(len(rows))
+                started = time.monotonic()
+                response = client.post(
+                    "/v1/models/diabetes:predict", json={"instances": [rows[index].tolist()]}
+                )
+                body = response.json()
+                version = response.headers.get("X-Model-Version", "?")
+                calls.append(
+                    (started, time.monotonic(), response.status_code, version, index, body)
+                )
+
+    threads = [threading.Thread(target=load, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    switches = []  # (asked at, answered at, active version)
+    with httpx.Client(base_url=base, timeout=30) as admin:
+        for version in ["1", None, "1", None, "1", None]:
+            time.sleep(0.4)
+            asked = time.monotonic()
+            response = admin.post("/v1/models/diabetes/reload", json={"version": version})
+            assert response.status_code == 200, response.text
+            switches.append((asked, time.monotonic(), response.json()["active_version"]))
+    time.sleep(0.4)
+    stop_load.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert len(calls) > 100
+    failures = [c for c in calls if c[2] != 200]
+    assert not failures, failures[:3]
+    for _, _, _, version, index, body in calls:
+        assert body["predictions"] == [expected[version][index]]
+    assert {c[3] for c in calls} == {"1", "2"}
+    for (_, done, active), following in itertools.zip_longest(switches, switches[1:]):
+        next_asked = following[0] if following else float("inf")
+        window = [c for c in calls if c[0] > done and c[1] < next_asked]
+        assert window and all(c[3] == active for c in window), (active, window[:3])
