@@ -86,8 +86,10 @@ def predict(model: str, version: str, features: np.ndarray, task: Task) -> Outpu
 @huey.task(name="train", context=True)
 def train(name: str, plan: training.TrainPlan, task: Task) -> dict[str, Any]:
     """Train a new version of `name` as planned, save it and make it active."""
-    version = training.train_and_save(store, name, plan, settings.dataset_dir)
-    entry = promoter.promote(name)
+    version = training.train_in_child(
+        store, name, plan, settings.dataset_dir, niceness=settings.train_niceness
+    )
+    entry = promoter.promote(name)  # loads it here first: no request waits for the load
     jobs.done(task.id)
     return _trained(entry.get(version), active=entry.active)
 
@@ -138,7 +140,9 @@ def retrain_models() -> dict[str, Any]:
             ):
                 logger.info("retrain %s: data unchanged since version %s", name, newest["version"])
                 continue
-            retrained[name] = training.train_and_save(store, name, plan, settings.dataset_dir)
+            retrained[name] = training.train_in_child(
+                store, name, plan, settings.dataset_dir, niceness=settings.train_niceness
+            )
         except Exception:  # one bad data source must not stop the others
             logger.exception("retrain %s failed", name)
     promoter.refresh(list(retrained))

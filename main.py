@@ -234,7 +234,9 @@ async def server_metadata() -> v2_protocol.ServerMetadata:
     )
 
 
-@app.get("/v2/models/{name:model}", response_model=v2_protocol.ModelMetadata, summary="v2: metadata")
+@app.get(
+    "/v2/models/{name:model}", response_model=v2_protocol.ModelMetadata, summary="v2: metadata"
+)
 @app.get(
     "/v2/models/{name:model}/versions/{version}",
     response_model=v2_protocol.ModelMetadata,

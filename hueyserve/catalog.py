@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +114,21 @@ def publish(conn: redis.Redis, entry: ModelEntry) -> None:
 
 def entries(conn: redis.Redis) -> dict[str, ModelEntry]:
     """Every published model, in one round trip."""
-    found = conn.hgetall(MODELS_KEY)
-    return {(e := ModelEntry.from_json(raw)).name: e for raw in found.values()}
+    return parse_entries(conn.hgetall(MODELS_KEY))
+
+
+def parse_entries(found: Mapping[Any, bytes | str]) -> dict[str, ModelEntry]:
+    """Entries by name; one that does not parse (written by an older release, say) is left
+    out, so the workers' refresh publishes it again in today's format."""
+    parsed = {}
+    for raw in found.values():
+        try:
+            entry = ModelEntry.from_json(raw)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring a model entry in an unknown format: %.80r", raw)
+            continue
+        parsed[entry.name] = entry
+    return parsed
 
 
 # --- API side (asyncio) ------------------------------------------------------------------------
@@ -147,7 +161,7 @@ class ModelCatalog:
             # heartbeat. Until then the last known versions are better than 404s.
             self.synced_at = time.monotonic()
             return
-        self.models = {(e := ModelEntry.from_json(raw)).name: e for raw in found.values()}
+        self.models = parse_entries(found)
         self.synced_at = time.monotonic()
 
     def apply(self, entry: ModelEntry) -> None:
@@ -179,7 +193,8 @@ class ModelCatalog:
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
-                    self.apply(ModelEntry.from_json(message["data"]))
+                    for entry in parse_entries({"message": message["data"]}).values():
+                        self.apply(entry)
                 if self.synced_at is None or time.monotonic() - self.synced_at > self.resync_s:
                     await self.resync()
         finally:

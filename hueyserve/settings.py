@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     dataset_dir: Path = Field(
         Path("datasets"), description="CSV files a training job may name (`dataset`)."
     )
+    train_niceness: int = Field(
+        10, ge=0, le=19, description="Training runs in a child process this much nicer (Unix)."
+    )
     retrain_cron: str = Field(
         "", description="Crontab for retraining models whose data changed; empty = off."
     )

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +225,17 @@ def train_and_save(store: ModelStore, name: str, plan: TrainPlan, data_dir: Path
     version = store.save(name, estimator, metadata)
     logger.info("trained %s version %s: %s", name, version, metadata["metrics"])
     return version
+
+
+def train_in_child(
+    store: ModelStore, name: str, plan: TrainPlan, data_dir: Path, *, niceness: int
+) -> str:
+    """`train_and_save` in a fresh process at a lower CPU priority. Fitting and saving hold
+    the GIL for long stretches; in a child they cannot slow the predictions this worker
+    process serves, and the OS gives predictions the cores first."""
+    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded process
+    with ProcessPoolExecutor(1, context, initializer=os.nice, initargs=(niceness,)) as child:
+        return child.submit(train_and_save, store, name, plan, data_dir).result()
 
 
 def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:

@@ -8,9 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 import core
+import main
+from hueyserve import catalog
 from hueyserve.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
 from hueyserve.store import ModelStore
@@ -163,3 +166,16 @@ def test_scheduled_retrain_follows_the_data(client: TestClient, model_store: Mod
     wait_for(lambda: active(client, "trend") == "2", "the retrained version")
     metadata = model_store.metadata("trend", "2")
     assert metadata["training"]["n_train"] + metadata["training"]["n_test"] == 60
+
+
+def test_entries_in_an_old_format_are_republished(
+    redis_conn: redis.Redis, consumer_factory: Any
+) -> None:
+    """Redis kept (AOF) what an older release wrote: nothing crashes, workers rewrite it."""
+    old = b'{"name": "diabetes", "version": "1", "metadata": {"n_features": 10}}'
+    redis_conn.hset(catalog.MODELS_KEY, "diabetes", old)
+    consumer_factory(workers=1)
+    wait_for(lambda: "diabetes" in catalog.entries(redis_conn), "the entry to be republished")
+    with TestClient(main.app) as client:
+        response = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
+        assert response.status_code == 200, response.text

@@ -87,7 +87,7 @@ def test_classifier_answers_class_and_probabilities(
 def test_binary_tensors_in_and_out(client: TestClient, model_store: ModelStore) -> None:
     rows = np.array(IRIS_ROWS, dtype=np.float32)
     raw = rows.astype("<f4").tobytes()
-    tensor = {"name": "features", "shape": [2, 4], "datatype": "FP32"}
+    tensor: dict[str, Any] = {"name": "features", "shape": [2, 4], "datatype": "FP32"}
     tensor["parameters"] = {"binary_data_size": len(raw)}
     header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
     response = client.post(
