@@ -90,7 +90,7 @@ def train(name: str, plan: training.TrainPlan, task: Task) -> dict[str, Any]:
         store, name, plan, settings.dataset_dir, niceness=settings.train_niceness
     )
     entry = promoter.promote(name)  # loads it here first: no request waits for the load
-    jobs.done(task.id)
+    jobs.done(task.id, version=version)
     return _trained(entry.get(version), active=entry.active)
 
 

@@ -112,6 +112,11 @@ def publish(conn: redis.Redis, entry: ModelEntry) -> None:
         pipe.execute()
 
 
+def withdraw(conn: redis.Redis, name: str) -> None:
+    """Stop serving `name`; API processes drop it at their next full reread."""
+    conn.hdel(MODELS_KEY, name)
+
+
 def entries(conn: redis.Redis) -> dict[str, ModelEntry]:
     """Every published model, in one round trip."""
     return parse_entries(conn.hgetall(MODELS_KEY))

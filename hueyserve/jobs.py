@@ -69,8 +69,9 @@ class JobRecorder:
     def running(self, job_id: str) -> None:
         self._update(job_id, {"status": JobStatus.RUNNING.value, "started_at": time.time()}, 1)
 
-    def done(self, job_id: str) -> None:
-        self._update(job_id, {"status": JobStatus.DONE.value, "finished_at": time.time()})
+    def done(self, job_id: str, **fields: str) -> None:
+        """Finished; `fields` adds what only the end tells (the version a training made)."""
+        self._update(job_id, {"status": JobStatus.DONE.value, "finished_at": time.time(), **fields})
 
     def failed(self, job_id: str, error: str) -> None:
         now = time.time()

@@ -38,6 +38,8 @@ class Promoter:
         changed = {}
         with self._locked():
             current = catalog.entries(self.conn)
+            if names is None:
+                self._withdraw_missing(current)
             for name in names or self.store.names():
                 old = current.get(name)
                 keep = old.active if old and old.pinned else None
@@ -83,6 +85,13 @@ class Promoter:
             if old is None or old.active != active:
                 logger.info("model %s: version %s is now active", name, active)
         return entry
+
+    def _withdraw_missing(self, current: dict[str, ModelEntry]) -> None:
+        """Unpublish models whose folder is gone from the store (in-memory ones stay)."""
+        kept = set(self.store.names()) | self.registry.in_memory_names()
+        for name in sorted(set(current) - kept):
+            logger.warning("model %s is gone from the store; unpublishing it", name)
+            catalog.withdraw(self.conn, name)
 
     def _newest_loadable(
         self, name: str, versions: list[str], old: ModelEntry | None

@@ -61,6 +61,10 @@ class ModelRegistry:
         with self._lock:
             self._pinned[(model.name, model.version)] = model
 
+    def in_memory_names(self) -> set[str]:
+        with self._lock:
+            return {name for name, _ in self._pinned}
+
     def unregister(self, name: str) -> None:
         with self._lock:
             for key in [k for k in self._pinned if k[0] == name]:

@@ -76,6 +76,8 @@ class TrainPlan:
         return cls(**saved) if saved else None
 
 
+BOOTSTRAPPED_FILE = ".demos"  #: in the store root: demo models already created once
+
 #: The demo models an empty store starts with.
 DEMOS: dict[str, TrainPlan] = {
     "diabetes": TrainPlan("diabetes", "RandomForestRegressor", {"n_estimators": 100}),
@@ -239,12 +241,17 @@ def train_in_child(
 
 
 def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:
-    """Train and save each demo model the store lacks (first start)."""
+    """Train and save each demo model this store has never had (first start, or a store from
+    a release with fewer demos). A demo deleted on purpose is not trained again."""
     with store.lock():  # several workers may start at once: one trains, the others wait
+        marker = store.root / BOOTSTRAPPED_FILE
+        done = set(marker.read_text().split()) if marker.exists() else set()
         for name, demo in DEMOS.items():
-            if store.latest(name) is not None:
+            if name in done or store.latest(name) is not None:
                 continue
             logger.info("model store %s has no %s: training the demo model", store.root, name)
             estimator, metadata = train(demo, data_dir)
             version = store.add_version(name, estimator, metadata)
             logger.info("saved %s version %s: %s", name, version, metadata["metrics"])
+        if not set(DEMOS) <= done:
+            marker.write_text("\n".join(sorted(done | set(DEMOS))) + "\n")

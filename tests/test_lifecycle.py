@@ -3,6 +3,7 @@ old versions explicitly, pin and unpin with reload, retrain when the data change
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ def test_train_promote_serve_and_address_old_version(
     job = train(client, "diabetes", {"params": {"n_estimators": 10, "max_depth": 4}})
     assert job["kind"] == "train" and job["priority"] == settings.train_priority
     assert job["result"]["model_version"] == "2" and job["result"]["active_version"] == "2"
+    assert job["model_version"] == "2"
     assert set(job["result"]["metrics"]) == {"r2", "mae", "rmse"}
     wait_for(lambda: active(client, "diabetes") == "2", "the API to see version 2")
     metadata = model_store.metadata("diabetes", "2")
@@ -179,3 +181,12 @@ def test_entries_in_an_old_format_are_republished(
     with TestClient(main.app) as client:
         response = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
         assert response.status_code == 200, response.text
+
+
+def test_a_model_removed_from_the_store_is_unpublished(
+    client: TestClient, model_store: ModelStore, redis_conn: redis.Redis
+) -> None:
+    shutil.rmtree(model_store.root / "iris")
+    core.refresh_models.call_local()
+    assert set(catalog.entries(redis_conn)) == {"diabetes"}
+    wait_for(lambda: client.get("/v1/models").json() == {"models": ["diabetes"]}, "withdrawal")
