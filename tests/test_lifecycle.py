@@ -3,6 +3,7 @@ old versions explicitly, pin and unpin with reload, retrain when the data change
 
 from __future__ import annotations
 
+import datetime
 import shutil
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,11 @@ def test_a_model_removed_from_the_store_is_unpublished(
     core.refresh_models.call_local()
     assert set(catalog.entries(redis_conn)) == {"diabetes"}
     wait_for(lambda: client.get("/v1/models").json() == {"models": ["diabetes"]}, "withdrawal")
+
+
+def test_scheduled_retrain_runs_only_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    at_three = datetime.datetime(2026, 11, 23, 3, 0)
+    assert not core._retrain_due(at_three)  # off by default
+    monkeypatch.setattr(settings, "retrain_cron", "0 3 * * *")
+    assert core._retrain_due(at_three)
+    assert not core._retrain_due(at_three.replace(minute=1))

@@ -20,6 +20,7 @@ def test_redis_url_and_prefixed_names_are_read(monkeypatch: pytest.MonkeyPatch) 
     [
         ("REDIS_URL", "localhost:6379", "REDIS_URL must start with"),
         ("HUEYSERVE_REFRESH_CRON", "every minute", "five fields"),
+        ("HUEYSERVE_RETRAIN_CRON", "nightly", "HUEYSERVE_RETRAIN_CRON needs five fields"),
         ("HUEYSERVE_WORKER_TYPE", "fiber", "thread, process or greenlet"),
     ],
 )
