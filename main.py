@@ -234,24 +234,42 @@ async def server_metadata() -> v2_protocol.ServerMetadata:
     )
 
 
+# Each v2 route comes twice, for the active version and for `/versions/{version}`; the
+# second passes its version to the first.
+
+
 @app.get(
     "/v2/models/{name:model}", response_model=v2_protocol.ModelMetadata, summary="v2: metadata"
 )
+async def model_metadata(name: str, service: Service) -> v2_protocol.ModelMetadata:
+    return describe(service, name, None)
+
+
 @app.get(
     "/v2/models/{name:model}/versions/{version}",
     response_model=v2_protocol.ModelMetadata,
     summary="v2: metadata of one version",
 )
-async def model_metadata(
-    name: str, service: Service, version: str | None = None
-) -> v2_protocol.ModelMetadata:
+async def version_metadata(name: str, version: str, service: Service) -> v2_protocol.ModelMetadata:
+    return describe(service, name, version)
+
+
+def describe(service: PredictService, name: str, version: str | None) -> v2_protocol.ModelMetadata:
     entry = service.catalog.entry(name)
     return v2_protocol.model_metadata(entry.get(version), entry.version_list())
 
 
 @app.get("/v2/models/{name:model}/ready", summary="v2: model readiness (503 when not ready)")
+async def model_ready(name: str, service: Service) -> JSONResponse:
+    return await readiness(service, name, None)
+
+
 @app.get("/v2/models/{name:model}/versions/{version}/ready", summary="v2: version readiness")
-async def model_ready(name: str, service: Service, version: str | None = None) -> JSONResponse:
+async def version_ready(name: str, version: str, service: Service) -> JSONResponse:
+    return await readiness(service, name, version)
+
+
+async def readiness(service: PredictService, name: str, version: str | None) -> JSONResponse:
     service.catalog.get(name, version)  # 404 for an unknown model or version
     ready = await service.model_ready()
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
@@ -275,19 +293,35 @@ INFER_BODY = {
     openapi_extra={"requestBody": INFER_BODY},
     summary="v2: infer with the active version (JSON or binary tensors)",
 )
+async def infer(
+    name: str,
+    request: Request,
+    service: Service,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Response:
+    return await infer_v2(service, name, None, request, prefer)
+
+
 @app.post(
     "/v2/models/{name:model}/versions/{version}/infer",
     response_model=v2_protocol.InferenceResponse,
     openapi_extra={"requestBody": INFER_BODY},
     summary="v2: infer with one version",
 )
-async def infer(
+async def infer_version(
     name: str,
+    version: str,
     request: Request,
     service: Service,
-    version: str | None = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response:
+    return await infer_v2(service, name, version, request, prefer)
+
+
+async def infer_v2(
+    service: PredictService, name: str, version: str | None, request: Request, prefer: str | None
+) -> Response:
+    """The body is read raw: JSON, or JSON then binary tensors (Triton's extension)."""
     body = await request.body()
     infer_request, binary = v2_protocol.parse_request(
         body, request.headers.get(v2_protocol.BINARY_HEADER)

@@ -4,7 +4,6 @@ subprocesses on the session's Redis, then HTTP and a short locust run against th
 from __future__ import annotations
 
 import csv
-import itertools
 import os
 import random
 import signal
@@ -13,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import redis
 
+import core
+from hueyserve import training
 from hueyserve.redis_server import free_port
 from hueyserve.schemas import EXAMPLE_ROWS
 from hueyserve.store import ModelStore
@@ -116,44 +118,61 @@ def test_locust_scenarios_run_without_failures(stack: tuple[str, Path], tmp_path
     assert int(total["Failure Count"]) == 0, result.stderr[-2000:]
 
 
+FLOWERS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
+
+
 def test_standard_v2_client_gets_correct_predictions(
     stack: tuple[str, Path], tmp_path: Path
 ) -> None:
-    """tritonclient, the most used v2 client, unchanged: binary tensors by default."""
+    """tritonclient, the most used v2 client, unchanged (binary tensors by default), on both
+    models, by active version (2, promoted by the periodic refresh) and by explicit version."""
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
     base, _ = stack
     store = ModelStore(tmp_path / "models")
+    for name, plan in training.DEMOS.items():  # a second version, dropped in by hand
+        store.save(name, *training.train(replace(plan, random_state=7), Path()))
+    core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute
     client = triton.InferenceServerClient(url=base.removeprefix("http://"))
     try:
         assert client.is_server_live() and client.is_server_ready()
+        wait_for(
+            lambda: all(
+                client.get_model_metadata(name)["parameters"]["version"] == "2"
+                for name in training.DEMOS
+            ),
+            "version 2 of both models to be active",
+        )
         assert client.is_model_ready("iris") and client.is_model_ready("diabetes", "1")
         assert client.get_server_metadata()["name"] == "hueyserve"
-        assert client.get_model_metadata("diabetes")["inputs"][0]["shape"] == [-1, 10]
+        assert client.get_model_metadata("diabetes")["versions"] == ["1", "2"]
 
-        rows = np.array(EXAMPLE_ROWS)
-        tensor = triton.InferInput("features", list(rows.shape), "FP64")
-        tensor.set_data_from_numpy(rows)  # binary_data=True: Triton's binary extension
-        result = client.infer("diabetes", [tensor], request_id="r1")
-        expected = store.load("diabetes", "1").predict(rows)
-        assert np.array_equal(result.as_numpy("predict"), expected)
-        assert result.get_response()["id"] == "r1"
+        for name, rows in (("diabetes", EXAMPLE_ROWS), ("iris", FLOWERS)):
+            for asked, served in (("", "2"), ("1", "1")):
+                model = store.load(name, served)
+                data = np.array(rows, dtype=np.float32)
+                tensor = triton.InferInput("features", list(data.shape), "FP32")
+                tensor.set_data_from_numpy(data)  # binary: Triton's binary tensor extension
+                result = client.infer(name, [tensor], model_version=asked, request_id="r1")
+                response = result.get_response()
+                assert (response["id"], response["model_version"]) == ("r1", served)
+                predicted = result.as_numpy("predict")
+                if name == "iris":
+                    predicted = [label.decode() for label in predicted]
+                    probabilities = result.as_numpy("predict_proba")
+                    assert np.allclose(probabilities, model.predict_proba(data.astype(float)))
+                assert list(predicted) == model.predict(data.astype(float)).tolist()
 
-        flowers = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32)
-        tensor = triton.InferInput("features", list(flowers.shape), "FP32")
-        tensor.set_data_from_numpy(flowers, binary_data=False)  # JSON this time
-        outputs = [
-            triton.InferRequestedOutput("predict"),
-            triton.InferRequestedOutput("predict_proba", binary_data=False),
-        ]
-        result = client.infer(
-            "iris", [tensor], model_version="1", outputs=outputs, priority=1, timeout=5_000_000
+        data = np.array(FLOWERS)  # JSON both ways, some outputs, Triton's schedule policy
+        tensor = triton.InferInput("features", list(data.shape), "FP64")
+        tensor.set_data_from_numpy(data, binary_data=False)
+        outputs = [triton.InferRequestedOutput("predict_proba", binary_data=False)]
+        result = client.infer("iris", [tensor], outputs=outputs, priority=1, timeout=5_000_000)
+        assert np.allclose(
+            result.as_numpy("predict_proba"), store.load("iris", "2").predict_proba(data)
         )
-        iris = store.load("iris", "1")
-        labels = [label.decode() for label in result.as_numpy("predict")]
-        assert labels == iris.predict(flowers.astype(np.float64)).tolist()
-        assert np.allclose(result.as_numpy("predict_proba"), iris.predict_proba(flowers))
+        assert result.as_numpy("predict") is None
 
         wrong = triton.InferInput("features", [1, 3], "FP64")
         wrong.set_data_from_numpy(np.zeros((1, 3)))
@@ -164,8 +183,9 @@ def test_standard_v2_client_gets_correct_predictions(
 
 
 def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_path: Path) -> None:
-    """Switch versions back and forth while 8 clients predict: every request succeeds with the
-    answer of the version it names, and none that starts after a switch gets the old one."""
+    """Switch versions back and forth with reload, then let the periodic refresh promote a new
+    version, while 8 clients predict: every request succeeds with the answer of the version
+    it names, and none that starts after a switch gets the old one (cache included)."""
     base, _ = stack
     with httpx.Client(base_url=base, timeout=30) as http:
         accepted = http.post("/v1/models/diabetes/train", json={"params": {"n_estimators": 20}})
@@ -179,7 +199,6 @@ def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_pat
     assert job["result"]["model_version"] == "2"
     rows = np.random.default_rng(0).normal(scale=0.05, size=(300, 10))
     store = ModelStore(tmp_path / "models")
-    expected = {v: store.load("diabetes", v).predict(rows).tolist() for v in ("1", "2")}
     calls: list[tuple[float, float, int, str, int, Any]] = []
     stop_load = threading.Event()
 
@@ -210,6 +229,13 @@ def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_pat
             assert response.status_code == 200, response.text
             switches.append((asked, time.monotonic(), response.json()["active_version"]))
     time.sleep(0.4)
+    store.save(
+        "diabetes", *training.train(replace(training.DEMOS["diabetes"], random_state=3), Path())
+    )
+    refreshed_at = time.monotonic()
+    core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute
+    first_v3 = wait_for(lambda: min((c[1] for c in calls if c[3] == "3"), default=None), "v3")
+    time.sleep(0.4)
     stop_load.set()
     for thread in threads:
         thread.join(30)
@@ -217,10 +243,13 @@ def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_pat
     assert len(calls) > 100
     failures = [c for c in calls if c[2] != 200]
     assert not failures, failures[:3]
+    expected = {v: store.load("diabetes", v).predict(rows).tolist() for v in ("1", "2", "3")}
     for _, _, _, version, index, body in calls:
         assert body["predictions"] == [expected[version][index]]
-    assert {c[3] for c in calls} == {"1", "2"}
-    for (_, done, active), following in itertools.zip_longest(switches, switches[1:]):
-        next_asked = following[0] if following else float("inf")
+    assert {c[3] for c in calls} == {"1", "2", "3"}
+    ends = [s[0] for s in switches[1:]] + [refreshed_at]
+    for (_, done, active), next_asked in zip(switches, ends, strict=True):
         window = [c for c in calls if c[0] > done and c[1] < next_asked]
         assert window and all(c[3] == active for c in window), (active, window[:3])
+    after_refresh = [c for c in calls if c[0] > first_v3]
+    assert after_refresh and all(c[3] == "3" for c in after_refresh)
