@@ -1,7 +1,7 @@
 """Load scenarios for a running stack: `make load` (headless, bounded) or `locust -f locustfile.py`.
 
-Inputs are real rows of scikit-learn's diabetes data set with a little noise, so most requests
-are distinct (cache misses); CachedPredictUser repeats a few rows to exercise the cache.
+Inputs are real rows of scikit-learn's diabetes and iris data sets with a little noise, so most
+requests are distinct (cache misses); CachedPredictUser repeats a few rows to exercise the cache.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import time
 from typing import ClassVar
 
 from locust import HttpUser, between, task
-from sklearn.datasets import load_diabetes
+from sklearn.datasets import load_diabetes, load_iris
 
 ROWS = load_diabetes().data.tolist()
+FLOWERS = load_iris().data.tolist()
 PREDICT = "/v1/models/diabetes:predict"
 POLL_TIMEOUT_S = 30.0
 
 
-def noisy_rows(count: int) -> list[list[float]]:
+def noisy_rows(count: int, rows: list[list[float]] = ROWS) -> list[list[float]]:
     """`count` real rows, each feature nudged by up to 1% so requests rarely repeat."""
     return [
-        [value * (1 + random.uniform(-0.01, 0.01)) for value in random.choice(ROWS)]
+        [value * (1 + random.uniform(-0.01, 0.01)) for value in random.choice(rows)]
         for _ in range(count)
     ]
 
@@ -35,6 +36,19 @@ class SyncPredictUser(HttpUser):
     @task
     def predict(self) -> None:
         self.client.post(PREDICT, json={"instances": noisy_rows(random.randint(1, 4))})
+
+
+class V2InferUser(HttpUser):
+    """Open Inference Protocol v2 client: the iris classifier, class and probabilities."""
+
+    weight = 1
+    wait_time = between(0.05, 0.2)
+
+    @task
+    def infer(self) -> None:
+        rows = noisy_rows(random.randint(1, 4), FLOWERS)
+        tensor = {"name": "features", "shape": [len(rows), 4], "datatype": "FP64", "data": rows}
+        self.client.post("/v2/models/iris/infer", json={"inputs": [tensor]})
 
 
 class AsyncJobUser(HttpUser):
