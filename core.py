@@ -10,6 +10,7 @@ the active versions loaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -17,7 +18,10 @@ from typing import Any
 import numpy as np
 from huey import PriorityRedisExpireHuey, crontab, signals
 from huey.api import Task
+from huey.exceptions import RetryTask
 from redis import ConnectionPool
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from hueyserve import catalog, datasets, training
 from hueyserve.cache import PredictionCache, cache_key
@@ -61,6 +65,8 @@ heartbeat = Heartbeat(
     on_beat=lambda: keep_models_published(),
 )
 _warmed = threading.Event()  # this process has bootstrapped and published its models
+TRAINING_LOCK = "hueyserve:training"
+TRAINING_RETRY_S = 5  # a training job that finds another running looks again this much later
 
 
 @huey.task(
@@ -85,20 +91,27 @@ def predict(model: str, version: str, features: np.ndarray, task: Task) -> Outpu
 
 @huey.task(name="train", context=True)
 def train(name: str, plan: training.TrainPlan, task: Task) -> dict[str, Any]:
-    """Train a new version of `name` as planned, save it and make it active."""
-    version = training.train_in_child(
-        store, name, plan, settings.dataset_dir, niceness=settings.train_niceness
-    )
-    entry = promoter.promote(name)  # loads it here first: no request waits for the load
+    """Train a new version of `name` as planned, save it and make it active (unless an
+    operator pinned another). One training runs at a time: the others wait in the queue
+    rather than hold worker threads."""
+    lock = _training_lock()
+    if not lock.acquire(blocking=False):
+        jobs.retrying(task.id, "waiting for the training that is running to finish")
+        raise RetryTask(delay=TRAINING_RETRY_S)
+    try:
+        version = _train(name, plan)
+    finally:
+        with contextlib.suppress(LockError):  # expired: the training outlived its timeout
+            lock.release()
+    entry = promoter.publish_new(name)  # loads it here first: no request waits for the load
     jobs.done(task.id, version=version)
-    return _trained(entry.get(version), active=entry.active)
+    return _trained(entry.get(version), entry)
 
 
 @huey.task(priority=100, name="reload_model", context=True)
 def reload_model(name: str, version: str | None, task: Task) -> dict[str, Any]:
     """Make `version` active (pinned), or the newest (unpinned) when None."""
-    previous = catalog.entries(huey.storage.conn).get(name)
-    entry = promoter.promote(name, version)
+    previous, entry = promoter.promote(name, version)
     jobs.done(task.id)
     return {
         "model_name": name,
@@ -140,20 +153,39 @@ def retrain_models() -> dict[str, Any]:
             ):
                 logger.info("retrain %s: data unchanged since version %s", name, newest["version"])
                 continue
-            retrained[name] = training.train_in_child(
-                store, name, plan, settings.dataset_dir, niceness=settings.train_niceness
-            )
+            with _training_lock(wait_s=settings.train_timeout_s):
+                retrained[name] = _train(name, plan)
         except Exception:  # one bad data source must not stop the others
             logger.exception("retrain %s failed", name)
     promoter.refresh(list(retrained))
     return retrained
 
 
-def _trained(model: catalog.ModelVersion, *, active: str) -> dict[str, Any]:
+def _training_lock(wait_s: float | None = None) -> Lock:
+    """One training at a time across every worker; it expires if its holder dies."""
+    lock: Lock = huey.storage.conn.lock(
+        TRAINING_LOCK, timeout=settings.train_timeout_s + 60, blocking_timeout=wait_s
+    )
+    return lock
+
+
+def _train(name: str, plan: training.TrainPlan) -> str:
+    return training.train_in_child(
+        store,
+        name,
+        plan,
+        settings.dataset_dir,
+        niceness=settings.train_niceness,
+        timeout_s=settings.train_timeout_s,
+    )
+
+
+def _trained(model: catalog.ModelVersion, entry: catalog.ModelEntry) -> dict[str, Any]:
     return {
         "model_name": model.name,
         "model_version": model.version,
-        "active_version": active,
+        "active_version": entry.active,
+        "pinned": entry.pinned,
         "metrics": model.metadata.get("metrics", {}),
     }
 
@@ -184,9 +216,7 @@ def keep_models_published() -> None:
         published = catalog.entries(huey.storage.conn)
         _warmed.set()
     on_disk = store.names()
-    for entry in published.values():
-        if entry.name in on_disk:
-            registry.get(entry.name, entry.active)
+    registry.keep_active({(e.name, e.active) for e in published.values() if e.name in on_disk})
 
 
 # --- job records follow the tasks through Huey's signals ---------------------------------

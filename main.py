@@ -327,7 +327,9 @@ async def infer_v2(
         body, request.headers.get(v2_protocol.BINARY_HEADER)
     )
     model = service.catalog.get(name, version)
-    features = service.check(model, v2_protocol.decode_features(infer_request, binary, model))
+    max_rows = service.settings.max_instances
+    tensor = v2_protocol.decode_features(infer_request, binary, model, max_rows=max_rows)
+    features = service.check(model, tensor)
     selected = v2_protocol.select_outputs(infer_request, model)
     plan = v2_protocol.schedule(infer_request.parameters)
     if wants_async(prefer):

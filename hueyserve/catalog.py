@@ -54,13 +54,30 @@ class ModelVersion:
 
     @property
     def outputs(self) -> list[dict[str, Any]]:
-        default = [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
-        return list(self.metadata.get("outputs") or default)
+        """Output tensors; for models saved without them, what LoadedModel.predict gives."""
+        if self.metadata.get("outputs"):
+            return list(self.metadata["outputs"])
+        classes = self.classes
+        if self.metadata.get("task") != "classification" or not classes:
+            return [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
+        return [
+            {"name": "predict", "datatype": label_datatype(classes), "shape": [-1]},
+            {"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(classes)]},
+        ]
 
     @property
     def classes(self) -> list[Any] | None:
         """Class labels in the order of `predict_proba`, for a classifier."""
         return self.metadata.get("classes")
+
+
+def label_datatype(classes: list[Any]) -> str:
+    """The v2 datatype of a classifier's labels."""
+    if all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        return "INT64"
+    if all(isinstance(c, int | float) and not isinstance(c, bool) for c in classes):
+        return "FP64"
+    return "BYTES"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A source is named by a string so a job, a model's metadata and the scheduled retrain can all
 say where the data comes from: `iris`, `diabetes`, `wine`, `breast_cancer`, or `<file>.csv`
-(relative to HUEYSERVE_DATA_DIR; a header row, numeric features, the target in a named column
+(relative to HUEYSERVE_DATASET_DIR; a header row, numeric features, the target in a named column
 or the last one). The fingerprint changes when the data does, so a retrain can tell.
 """
 
@@ -51,13 +51,17 @@ def check_source(source: str, data_dir: Path) -> Path | None:
     if not source.endswith(".csv"):
         raise DatasetError(
             f"unknown dataset {source!r}: use one bundled with scikit-learn "
-            f"({', '.join(BUNDLED)}) or a .csv file in the data folder (HUEYSERVE_DATA_DIR)"
+            f"({', '.join(BUNDLED)}) or a .csv file in the data folder (HUEYSERVE_DATASET_DIR)"
         )
     root = data_dir.resolve()
-    path = (root / source).resolve()
+    try:
+        path = (root / source).resolve()
+        exists = path.is_file()
+    except (OSError, ValueError) as exc:  # NUL bytes, names too long for the file system
+        raise DatasetError(f"dataset {source!r} is not a usable file name: {exc}") from exc
     if not path.is_relative_to(root):
         raise DatasetError(f"dataset {source!r} is outside the data folder; name a file inside it")
-    if not path.is_file():
+    if not exists:
         raise DatasetError(f"no file {source!r} in the data folder {root}")
     return path
 

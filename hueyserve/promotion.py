@@ -48,8 +48,17 @@ class Promoter:
                     changed[name] = entry.active
         return changed
 
-    def promote(self, name: str, version: str | None = None) -> ModelEntry:
-        """Make `version` active and pin it there, or with None the newest, unpinned."""
+    def publish_new(self, name: str) -> ModelEntry:
+        """After a training: publish `name` with its new version, which becomes active unless
+        an operator pinned another one (their choice stands)."""
+        self.refresh([name])
+        return catalog.entries(self.conn)[name]
+
+    def promote(
+        self, name: str, version: str | None = None
+    ) -> tuple[ModelEntry | None, ModelEntry]:
+        """Make `version` active and pin it there, or with None the newest, unpinned; returns
+        the entry before and after."""
         with self._locked():
             old = catalog.entries(self.conn).get(name)
             if version is not None:
@@ -65,7 +74,7 @@ class Promoter:
             entry = self._entry(name, old, keep=version, pinned=version is not None)
             if entry is None:
                 raise PromotionError(f"model {name!r} has no version that loads")
-            return entry
+            return old, entry
 
     def _entry(
         self, name: str, old: ModelEntry | None, *, keep: str | None, pinned: bool | None = None

@@ -41,6 +41,9 @@ class ModelRegistry:
 
     def __init__(self, store: ModelStore, *, max_loaded: int = 8) -> None:
         self.store = store
+        # Active versions are held apart, so many models or requests to old versions never
+        # evict one in use; other versions share a small LRU.
+        self._active: dict[tuple[str, str], LoadedModel] = {}
         self._loaded: LRUCache[tuple[str, str], LoadedModel] = LRUCache(maxsize=max_loaded)
         self._pinned: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
@@ -49,12 +52,27 @@ class ModelRegistry:
         """The model `name` at `version`, loading it from disk if this process has not yet."""
         key = (name, version)
         with self._lock:  # one load at a time: a forest takes ~0.2 s and lots of memory
-            model = self._pinned.get(key) or self._loaded.get(key)
+            model = self._pinned.get(key) or self._active.get(key) or self._loaded.get(key)
             if model is None:
-                estimator = self.store.load(name, version)
-                model = LoadedModel(name, version, estimator, self.store.metadata(name, version))
+                model = self._load(key)
                 self._loaded[key] = model
             return model
+
+    def keep_active(self, active: set[tuple[str, str]]) -> None:
+        """Hold these (name, version) pairs loaded, loading those that are not; versions no
+        longer active go back to the LRU."""
+        with self._lock:
+            for key in set(self._active) - active:
+                self._loaded[key] = self._active.pop(key)
+            for key in active - set(self._active) - set(self._pinned):
+                self._active[key] = (
+                    self._loaded.pop(key) if key in self._loaded else self._load(key)
+                )
+
+    def _load(self, key: tuple[str, str]) -> LoadedModel:
+        name, version = key
+        estimator = self.store.load(name, version)
+        return LoadedModel(name, version, estimator, self.store.metadata(name, version))
 
     def register(self, model: LoadedModel) -> None:
         """Serve an in-memory model (custom code, tests) alongside the store's files."""
@@ -73,5 +91,6 @@ class ModelRegistry:
     def clear(self) -> None:
         """Forget every model (tests; a store pointed elsewhere)."""
         with self._lock:
+            self._active.clear()
             self._loaded.clear()
             self._pinned.clear()

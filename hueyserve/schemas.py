@@ -147,10 +147,9 @@ class TrainRequest(BaseModel):
     )
     test_size: float | None = Field(default=None, gt=0, lt=1, description="Held-out share.")
     random_state: int | None = Field(default=None, ge=0, description="Split and estimator seed.")
-    priority: Priority | None = None
 
     def plan_fields(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"priority"})
+        return self.model_dump()
 
 
 class ReloadRequest(BaseModel):

@@ -208,7 +208,7 @@ class PredictService:
             )
         except training.TrainingError as exc:
             raise InvalidInput(str(exc)) from exc
-        priority = _or(request.priority, self.settings.train_priority)
+        priority = self.settings.train_priority
         job_id = await self._enqueue(self.tasks.train, (name, plan), JobKind.TRAIN, name, priority)
         return _accepted(job_id, name, None)
 

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     train_niceness: int = Field(
         10, ge=0, le=19, description="Training runs in a child process this much nicer (Unix)."
     )
+    train_timeout_s: float = Field(
+        3600.0, gt=0, description="A training job running longer is stopped and fails."
+    )
     retrain_cron: str = Field(
         "", description="Crontab for retraining models whose data changed; empty = off."
     )

@@ -22,7 +22,7 @@ import skops.io
 ARTIFACT_FILE = "model.skops"
 METADATA_FILE = "metadata.json"
 LOCK_FILE = ".lock"
-HIGH_WATER_FILE = ".last_version"  #: the highest version number ever written
+HIGH_WATER_DIR = ".last_version"  #: <root>/.last_version/<name>: highest version ever written
 
 #: Types a model file may contain beyond skops' own safe defaults (numpy, sklearn estimators).
 TRUSTED_TYPES: list[str] = [
@@ -85,9 +85,12 @@ class ModelStore:
         """`save` for a caller that already holds `lock()`."""
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
-        # Never reuse a number, even of a deleted version: caches key answers by version.
-        high_water = folder / HIGH_WATER_FILE
-        last = int(high_water.read_text()) if high_water.exists() else 0
+        # Never reuse a number, even of a deleted version or model: caches key answers by
+        # version. The mark lives outside the model's folder, so it outlives the folder.
+        high_water = self.root / HIGH_WATER_DIR / name
+        high_water.parent.mkdir(exist_ok=True)
+        marks = [high_water, folder / HIGH_WATER_DIR]  # the second: where 0.1 kept it
+        last = max((int(mark.read_text()) for mark in marks if mark.is_file()), default=0)
         version = str(max(last, int(self.latest(name) or 0)) + 1)
         high_water.write_text(version + "\n")
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=folder))

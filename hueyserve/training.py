@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_sc
 from sklearn.model_selection import train_test_split
 
 from hueyserve import datasets
+from hueyserve.catalog import label_datatype
 from hueyserve.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ def build_estimator(plan: TrainPlan) -> Any:
         raise TrainingError(
             f"unknown estimator {plan.estimator!r}; choose one of {', '.join(ESTIMATORS)}"
         )
+    if plan.params.get("n_jobs") not in (None, 1):
+        raise TrainingError(
+            "n_jobs: training uses one core, so that predictions keep the others; leave it out"
+        )
     estimator = cls()
     try:
         estimator.set_params(**plan.params)
@@ -188,23 +192,15 @@ def describe(estimator: Any, feature_names: list[str]) -> dict[str, Any]:
     outputs = [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
     described: dict[str, Any] = {"features": feature_names, "n_features": n_features}
     if is_classifier(estimator):
-        classes = np.asarray(estimator.classes_)
+        classes = np.asarray(estimator.classes_).tolist()
         outputs = [
-            {"name": "predict", "datatype": _datatype(classes), "shape": [-1]},
+            {"name": "predict", "datatype": label_datatype(classes), "shape": [-1]},
             {"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(classes)]},
         ]
-        described["classes"] = classes.tolist()
+        described["classes"] = classes
     described["inputs"] = [{"name": "features", "datatype": "FP64", "shape": [-1, n_features]}]
     described["outputs"] = outputs
     return described
-
-
-def _datatype(values: np.ndarray) -> str:
-    if values.dtype.kind in "iu":
-        return "INT64"
-    if values.dtype.kind == "f":
-        return "FP64"
-    return "BYTES"
 
 
 def _metrics(estimator: Any, x: np.ndarray, y: np.ndarray, classifier: bool) -> dict[str, float]:
@@ -230,14 +226,31 @@ def train_and_save(store: ModelStore, name: str, plan: TrainPlan, data_dir: Path
 
 
 def train_in_child(
-    store: ModelStore, name: str, plan: TrainPlan, data_dir: Path, *, niceness: int
+    store: ModelStore,
+    name: str,
+    plan: TrainPlan,
+    data_dir: Path,
+    *,
+    niceness: int,
+    timeout_s: float,
 ) -> str:
-    """`train_and_save` in a fresh process at a lower CPU priority. Fitting and saving hold
-    the GIL for long stretches; in a child they cannot slow the predictions this worker
-    process serves, and the OS gives predictions the cores first."""
+    """`train_and_save` in a fresh process at a lower CPU priority, stopped after `timeout_s`.
+    Fitting and saving hold the GIL for long stretches; in a child they cannot slow the
+    predictions this worker process serves, and the OS gives predictions the cores first."""
+    if multiprocessing.current_process().daemon:
+        # `huey_consumer -k process`: a daemon may not start children, and this worker is a
+        # process of its own anyway, so no other worker shares its GIL.
+        return train_and_save(store, name, plan, data_dir)
     context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded process
-    with ProcessPoolExecutor(1, context, initializer=os.nice, initargs=(niceness,)) as child:
-        return child.submit(train_and_save, store, name, plan, data_dir).result()
+    with context.Pool(1, initializer=os.nice, initargs=(niceness,)) as child:
+        pending = child.apply_async(train_and_save, (store, name, plan, data_dir))
+        try:
+            return str(pending.get(timeout_s))
+        except multiprocessing.TimeoutError:
+            raise TrainingError(
+                f"training took longer than {timeout_s:g}s (HUEYSERVE_TRAIN_TIMEOUT_S) and was "
+                "stopped; train a smaller model or raise the limit"
+            ) from None
 
 
 def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:

@@ -9,6 +9,7 @@ default. Triton's schedule-policy parameters are honoured with Triton's meaning:
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import orjson
 from pydantic import BaseModel, Field, JsonValue, ValidationError
 
 from hueyserve.catalog import ModelVersion
-from hueyserve.errors import BadRequest, InvalidInput, ServiceError
+from hueyserve.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError
 from hueyserve.registry import Outputs
 from hueyserve.validation import validation_failure
 
@@ -73,7 +74,7 @@ class InferenceRequest(BaseModel):
     id: str | None = Field(default=None, max_length=200)
     parameters: Parameters | None = None
     inputs: list[RequestInput] = Field(min_length=1)
-    outputs: list[RequestOutput] | None = None
+    outputs: list[RequestOutput] | None = Field(default=None, min_length=1)
 
 
 class ResponseOutput(BaseModel):
@@ -99,7 +100,9 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
     """The JSON part of an infer request and the binary tensor bytes after it (may be empty)."""
     split = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(
+            body
+        ):
             raise BadRequest(
                 f"{BINARY_HEADER}: {header_length!r} is not a length within the "
                 f"{len(body)}-byte body"
@@ -113,8 +116,11 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
     return request, body[split:]
 
 
-def decode_features(request: InferenceRequest, binary: bytes, model: ModelVersion) -> np.ndarray:
-    """The request's one input tensor as a float64 array shaped as sent."""
+def decode_features(
+    request: InferenceRequest, binary: bytes, model: ModelVersion, *, max_rows: int
+) -> np.ndarray:
+    """The request's one input tensor as a float64 array [rows, n_features]; the shape is
+    checked before any data is decoded."""
     expected = model.inputs[0]
     if len(request.inputs) != 1:
         raise InvalidInput(f"model {model.name!r} takes one input, {expected['name']!r}")
@@ -130,9 +136,17 @@ def decode_features(request: InferenceRequest, binary: bytes, model: ModelVersio
             f"inputs[0].datatype {tensor.datatype!r} is not a number type; "
             f"use one of {', '.join(NUMERIC)}"
         )
-    if any(d < 0 for d in tensor.shape):
-        raise InvalidInput(f"inputs[0].shape {tensor.shape} has a negative dimension")
-    count = int(np.prod(tensor.shape)) if tensor.shape else 1
+    shape = tensor.shape
+    if len(shape) != 2 or shape[1] != model.n_features or shape[0] < 0:
+        raise InvalidInput(
+            f"inputs[0].shape is {shape}; model {model.name!r} takes [rows, {model.n_features}]"
+        )
+    if shape[0] > max_rows:
+        raise PayloadTooLarge(
+            f"{shape[0]} rows in one request; the limit is {max_rows} "
+            "(HUEYSERVE_MAX_INSTANCES): split the request"
+        )
+    count = math.prod(shape)
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None:
         values = _binary_values(size, binary, dtype, count)
@@ -142,7 +156,7 @@ def decode_features(request: InferenceRequest, binary: bytes, model: ModelVersio
         raise InvalidInput(
             f"inputs[0] has {values.size} values but shape {tensor.shape} needs {count}"
         )
-    return values.reshape(tensor.shape).astype(np.float64)
+    return values.reshape(shape).astype(np.float64)
 
 
 def _binary_values(size: Any, binary: bytes, dtype: str, count: int) -> np.ndarray:
@@ -234,7 +248,7 @@ def v2_response(
 ) -> InferenceResponse:
     """The outputs as JSON tensors (binary ones are filled in by `encode`)."""
     described = {o["name"]: o for o in model.outputs}
-    wanted = selected or [Selected(name, False) for name in described]
+    wanted = [Selected(name, False) for name in described] if selected is None else selected
     tensors = []
     for choice in wanted:
         values = np.asarray(outputs[choice.name])

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 import core
 import main
 from hueyserve import catalog
+from hueyserve.registry import ModelRegistry
 from hueyserve.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
 from hueyserve.store import ModelStore
@@ -118,6 +119,10 @@ def test_training_that_fails_in_the_worker_says_why(
         ("diabetes", {"dataset": "missing.csv"}, "no file 'missing.csv'"),
         ("diabetes", {"test_size": 1.5}, "test_size"),
         ("diabetes", {"epochs": 3}, "epochs"),
+        ("diabetes", {"priority": 100}, "priority"),
+        ("diabetes", {"params": {"n_jobs": -1}}, "n_jobs: training uses one core"),
+        ("diabetes", {"dataset": "a\u0000.csv"}, "not a usable file name"),
+        ("diabetes", {"dataset": "\u00e9" * 190 + ".csv"}, "not a usable file name"),
         ("brand-new", {"dataset": "iris"}, "needs 'dataset' and 'estimator'"),
     ],
 )
@@ -199,3 +204,50 @@ def test_scheduled_retrain_runs_only_when_configured(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(settings, "retrain_cron", "0 3 * * *")
     assert core._retrain_due(at_three)
     assert not core._retrain_due(at_three.replace(minute=1))
+
+
+def test_training_respects_a_pinned_version(client: TestClient, model_store: ModelStore) -> None:
+    train(client, "iris", {})
+    client.post("/v1/models/iris/reload", json={"version": "1"})
+    job = train(client, "iris", {"params": {"C": 0.5}})
+    result = job["result"]
+    assert (result["model_version"], result["active_version"], result["pinned"]) == ("3", "1", True)
+    assert client.get("/v1/models/iris").json()["versions"] == ["1", "2", "3"]
+
+
+def test_one_training_at_a_time(
+    client: TestClient, model_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "TRAINING_RETRY_S", 0.2)
+    accepted = [
+        client.post("/v1/models/iris/train", json={"random_state": seed}).json() for seed in (1, 2)
+    ]
+    jobs = [poll_job(client, job["job_id"]) for job in accepted]
+    assert sorted(job["result"]["model_version"] for job in jobs) == ["2", "3"]
+    spans = sorted((job["started_at"], job["finished_at"]) for job in jobs)
+    assert spans[0][1] <= spans[1][0]  # the second (last) start came after the first ended
+
+
+def test_training_past_its_time_limit_is_stopped(
+    client: TestClient, model_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "train_timeout_s", 0.2)
+    accepted = client.post("/v1/models/diabetes/train", json={"params": {"n_estimators": 500}})
+    job = poll_job(client, accepted.json()["job_id"], status="failed")
+    assert "took longer than 0.2s" in job["error"]
+    assert model_store.versions("diabetes") == ["1"]
+
+
+def test_active_versions_are_never_evicted(model_store: ModelStore) -> None:
+    registry = ModelRegistry(model_store, max_loaded=1)
+    registry.keep_active({("diabetes", "1"), ("iris", "1")})
+    held = registry.get("iris", "1")
+    model_store.save("diabetes", *model_store_model(model_store))
+    registry.get("diabetes", "2")  # an old-version request fills the one-slot LRU
+    assert registry.get("iris", "1") is held
+    registry.keep_active({("diabetes", "2")})  # iris no longer active: back into the LRU
+    assert registry.get("diabetes", "2") is registry.get("diabetes", "2")
+
+
+def model_store_model(store: ModelStore) -> tuple[Any, dict[str, Any]]:
+    return store.load("diabetes", "1"), store.metadata("diabetes", "1")

@@ -39,6 +39,8 @@ def test_a_deleted_version_number_is_never_reused(tmp_path: Path) -> None:
     store.save("m", model, metadata)
     shutil.rmtree(tmp_path / "m" / "2")  # a bad version withdrawn
     assert store.save("m", model, metadata) == "3"
+    shutil.rmtree(tmp_path / "m")  # the whole model removed, then trained again
+    assert store.save("m", model, metadata) == "4"
 
 
 def test_demo_models_are_bootstrapped_once(demo_models: Path) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from hueyserve.catalog import ModelVersion
 from hueyserve.schemas import EXAMPLE_ROWS
 from hueyserve.store import ModelStore
 from tests.test_main import poll_job
@@ -138,8 +139,12 @@ def test_schedule_policy_parameters(client: TestClient) -> None:
         ({"inputs": []}, 422, "inputs"),
         ({"inputs": [features(EXAMPLE_ROWS, name="x")]}, 422, "no input 'x'"),
         ({"inputs": [features(EXAMPLE_ROWS, datatype="BYTES")]}, 422, "not a number type"),
-        ({"inputs": [features(EXAMPLE_ROWS, shape=[2, 5])]}, 422, "needs 10"),
-        ({"inputs": [features([[1.0, 2.0]])]}, 422, "expects 10 features"),
+        ({"inputs": [features(EXAMPLE_ROWS, shape=[2, 5])]}, 422, "takes [rows, 10]"),
+        ({"inputs": [features(EXAMPLE_ROWS, shape=[20])]}, 422, "takes [rows, 10]"),
+        ({"inputs": [features([[1.0, 2.0]])]}, 422, "takes [rows, 10]"),
+        ({"inputs": [features(EXAMPLE_ROWS, shape=[1, 10])]}, 422, "needs 10"),
+        ({"inputs": [features(EXAMPLE_ROWS, shape=[2**62, 10])]}, 413, "split the request"),
+        ({"inputs": [features(EXAMPLE_ROWS)], "outputs": []}, 422, "outputs"),
         ({"inputs": [features(EXAMPLE_ROWS, data=[["a"] * 10] * 2)]}, 422, "only numbers"),
         ({"inputs": [features(EXAMPLE_ROWS, data=[[1.0], [1.0, 2.0]])]}, 422, "regular"),
         ({"inputs": [features(EXAMPLE_ROWS, data=None)]}, 422, "no data"),
@@ -158,9 +163,11 @@ def test_v2_bad_input_gets_clear_4xx(
 
 
 def test_v2_malformed_bodies(client: TestClient) -> None:
-    cases = [
+    length = b"Inference-Header-Content-Length"
+    cases: list[tuple[bytes, dict[bytes, bytes], int, str]] = [
         (b'{"inputs": [', {}, 400, "malformed JSON"),
-        (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}, 400, "not a length"),
+        (b'{"inputs": []}', {length: b"99"}, 400, "not a length"),
+        (b'{"inputs": []}', {length: b"\xb2"}, 400, "not a length"),  # a digit, not ASCII
         (b'{"inputs": [{"name": "features", "shape": [1, 10], "datatype": "FP64", '
          b'"parameters": {"binary_data_size": 80}}]}', {}, 400, "binary_data_size"),
     ]  # fmt: skip
@@ -171,3 +178,15 @@ def test_v2_malformed_bodies(client: TestClient) -> None:
     body = {"inputs": [features(EXAMPLE_ROWS)]}
     missing = client.post("/v2/models/diabetes/versions/9/infer", json=body)
     assert missing.status_code == 404 and "versions: 1" in missing.json()["error"]
+
+
+def test_classifier_saved_without_a_signature_is_described_from_its_classes() -> None:
+    metadata = {"task": "classification", "classes": ["a", "b"], "n_features": 2}
+    model = ModelVersion("custom", "1", metadata)
+    assert model.inputs == [{"name": "features", "datatype": "FP64", "shape": [-1, 2]}]
+    assert [(o["name"], o["datatype"]) for o in model.outputs] == [
+        ("predict", "BYTES"),
+        ("predict_proba", "FP64"),
+    ]
+    numbered = ModelVersion("custom", "1", {**metadata, "classes": [0, 1]})
+    assert numbered.outputs[0]["datatype"] == "INT64"
