@@ -23,7 +23,7 @@ from redis import ConnectionPool
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from hueyserve import catalog, datasets, training
+from hueyserve import catalog, datasets, results, training
 from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
 from hueyserve.jobs import JobKind, JobRecorder
@@ -38,10 +38,9 @@ logger = logging.getLogger(__name__)
 huey = PriorityRedisExpireHuey(
     name=settings.queue_name,
     expire_time=settings.result_ttl_s,
-    notify_result=True,
-    # Sync callers start waiting right after enqueueing, so a wake-up older than the longest
-    # sync wait has nobody to wake: let it expire soon (async jobs leave one per job).
-    notify_result_ttl=int(settings.predict_timeout_s) + 60,
+    # Waiters are woken by hueyserve.results (one pub/sub channel per API process), not by
+    # Huey's per-task notification lists.
+    notify_result=False,
     # A failed attempt that will be retried must not wake the waiter with an error.
     store_intermediate_errors=False,
     # The consumer blocks on BZPOPMIN for 1 s, so the read timeout must be longer than that.
@@ -77,8 +76,11 @@ TRAINING_RETRY_S = 5  # a training job that finds another running looks again th
     name="predict",
     context=True,
 )
-def predict(model: str, version: str, features: np.ndarray, task: Task) -> Outputs:
-    """Outputs of `model` at `version` for each row, from the worker's cache if seen."""
+def predict(
+    model: str, version: str, features: np.ndarray, reply_to: str | None = None, *, task: Task
+) -> Outputs:
+    """Outputs of `model` at `version` for each row, from the worker's cache if seen;
+    `reply_to` names the API process waiting for it (see `_reply`)."""
     key = cache_key(model, version, features)
     outputs = worker_cache.get(key)
     if outputs is None:
@@ -109,7 +111,9 @@ def train(name: str, plan: training.TrainPlan, task: Task) -> dict[str, Any]:
 
 
 @huey.task(priority=100, name="reload_model", context=True)
-def reload_model(name: str, version: str | None, task: Task) -> dict[str, Any]:
+def reload_model(
+    name: str, version: str | None, reply_to: str | None = None, *, task: Task
+) -> dict[str, Any]:
     """Make `version` active (pinned), or the newest (unpinned) when None."""
     previous, entry = promoter.promote(name, version)
     jobs.done(task.id)
@@ -217,6 +221,17 @@ def keep_models_published() -> None:
         _warmed.set()
     on_disk = store.names()
     registry.keep_active({(e.name, e.active) for e in published.values() if e.name in on_disk})
+
+
+@huey.post_execute()
+def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
+    """Once Huey has stored the final result of a task someone waits for, wake them: with the
+    result itself (saves a read), or for an error just the id (they read the stored Error)."""
+    channel = (task.kwargs or {}).get("reply_to")
+    if channel is None or (exc is not None and task.retries):
+        return  # nobody waits, or Huey will retry: no final result yet
+    payload = huey.serializer.serialize(value) if exc is None else results.STORED
+    results.publish_result(huey.storage.conn, channel, task.id, payload)
 
 
 # --- job records follow the tasks through Huey's signals ---------------------------------

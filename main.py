@@ -67,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         socket_timeout_s=settings.redis_socket_timeout_s,
         record_ttl_s=settings.result_ttl_s,
         max_waiters=settings.max_sync_waiters,
+        max_connections=settings.redis_max_connections,
     )
     catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
     app.state.service = PredictService(
@@ -78,13 +79,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     with contextlib.suppress(ServiceError, RedisError, OSError):
         await catalog.resync()  # answer the first request with models known; else follow() retries
-    follower = asyncio.create_task(catalog.follow(), name="model-catalog")
+    background = {
+        asyncio.create_task(catalog.follow(), name="model-catalog"),
+        asyncio.create_task(queue.results.run(), name="result-listener"),
+    }
+    with contextlib.suppress(TimeoutError):  # Redis down: requests get 503s until it is back
+        await asyncio.wait_for(queue.results.connected.wait(), timeout=2.0)
     try:
         yield
     finally:
-        follower.cancel()
+        for task in background:
+            task.cancel()
         # Bounded: shutdown must never hang on a Redis call that swallowed the cancellation.
-        await asyncio.wait({follower}, timeout=2.0)
+        await asyncio.wait(background, timeout=2.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(queue.aclose(), timeout=2.0)
 

@@ -1,13 +1,13 @@
 """The API's asyncio client for Huey's Redis storage: enqueue, wait for, and read tasks.
 
 Huey's own client is synchronous and would block the event loop; this one speaks the same
-storage format (Huey's serializer, its queue, result and notification keys) over redis.asyncio
-with short timeouts, so a Redis outage becomes a 503 in about a second instead of a hang.
+storage format (Huey's serializer, its queue and result keys) over redis.asyncio with short
+timeouts, so a Redis outage becomes a 503 in about a second instead of a hang. Waiting goes
+through one ResultListener per process (hueyserve.results).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import struct
 import time
@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 
 from hueyserve.errors import RedisUnavailable
 from hueyserve.jobs import Fields, job_key
+from hueyserve.results import STORED, ResultListener
 
 
 @contextlib.asynccontextmanager
@@ -54,29 +55,34 @@ class TaskQueue:
         socket_timeout_s: float,
         record_ttl_s: int,
         max_waiters: int,
+        max_connections: int,
     ) -> None:
         self.huey = huey
         self.storage = huey.storage
         self.record_ttl_s = record_ttl_s
-        self.client = aioredis.Redis.from_url(
+        # All requests share a few connections; when they are busy, a request waits for one
+        # (at most the socket timeout) instead of failing at once as redis-py's default pool
+        # does past its limit.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=socket_timeout_s,
             retry=fail_fast_retry(),
         )
-        # Each waiting sync call holds one connection blocked in BLPOP, so this pool has no
-        # socket timeout (asyncio bounds each wait instead) and room for `max_waiters`.
-        self.waiter = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=None,
-            retry=fail_fast_retry(),
-            max_connections=max_waiters,
+        self.client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self.results = ResultListener(
+            self.client, result_key=self.storage.result_key, max_waiting=max_waiters
         )
 
     async def aclose(self) -> None:
         await self.client.aclose()
-        await self.waiter.aclose()
+
+    def reply_to(self, task_id: str) -> str:
+        """Expect `task_id`'s result (call before enqueueing); the channel to name in it."""
+        self.results.expect(task_id)
+        return self.results.channel
 
     async def enqueue(self, task: Task, record: Fields) -> None:
         """Put `task` on Huey's priority queue and write its job record, atomically."""
@@ -90,18 +96,13 @@ class TaskQueue:
             pipe.zadd(self.storage.queue_key, {member: -(task.priority or 0)})
             await pipe.execute()
 
-    async def wait(self, task_id: str, timeout_s: float) -> bool:
-        """True once the task's result is stored (Huey's notification), False on timeout."""
-        notify_key = self.storage.notify_prefix + task_id
-        async with redis_errors():
-            # Huey pushes one item per stored result; popping it empties (deletes) the list.
-            # The asyncio bound catches a Redis that stalls without closing the connection.
-            popped = await asyncio.wait_for(
-                self.waiter.blpop([notify_key], timeout=max(timeout_s, 0.01)), timeout_s + 1.0
-            )
-            if popped is not None:
-                return True
-            return bool(await self.client.exists(self.storage.result_key(task_id)))
+    async def wait(self, task_id: str, timeout_s: float) -> Any:
+        """The result of a task announced with `reply_to` (a value, or huey's `Error`), or
+        EmptyData when it is not there within `timeout_s`."""
+        payload = await self.results.wait(task_id, timeout_s)
+        if payload is None or payload == STORED:
+            return await self.result(task_id)  # a last look; errors are read from storage
+        return self.huey.serializer.deserialize(payload)
 
     async def result(self, task_id: str) -> Any:
         """The stored result (a value, or huey's `Error`), or EmptyData when there is none."""

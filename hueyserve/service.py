@@ -128,7 +128,7 @@ class PredictService:
             return Prediction(cached, model, cached=True)
         wait_s = self._timeout(timeout_s)
         job_id = await self._predict_job(
-            model, features, _or(priority, self.settings.sync_priority)
+            model, features, _or(priority, self.settings.sync_priority), wait=True
         )
         value = await self._wait(job_id, wait_s)
         self.cache.put(key, value)
@@ -158,11 +158,17 @@ class PredictService:
         return requested_s or limit
 
     async def _predict_job(
-        self, model: ModelVersion, features: np.ndarray, priority: int, protocol: str = "v1"
+        self,
+        model: ModelVersion,
+        features: np.ndarray,
+        priority: int,
+        *,
+        protocol: str = "v1",
+        wait: bool = False,
     ) -> str:
         args = (model.name, model.version, features)
         return await self._enqueue(
-            self.tasks.predict, args, JobKind.PREDICT, model.name, priority,
+            self.tasks.predict, args, JobKind.PREDICT, model.name, priority, wait=wait,
             version=model.version, instances=len(features), protocol=protocol,
         )  # fmt: skip
 
@@ -173,25 +179,32 @@ class PredictService:
         kind: JobKind,
         model: str,
         priority: int,
+        *,
+        wait: bool = False,
         **extra: str | int | float,
     ) -> str:
-        task = wrapper.s(*args, priority=priority)
-        task.id = str(uuid.uuid4())
-        record = new_record(job_id=task.id, kind=kind, model=model, priority=priority, **extra)
-        await self.queue.enqueue(task, record)
+        """Enqueue a task with its job record; with `wait`, the caller must `_wait` for it."""
+        job_id = str(uuid.uuid4())
+        reply = {"reply_to": self.queue.reply_to(job_id)} if wait else {}
+        task = wrapper.s(*args, priority=priority, **reply)
+        task.id = job_id
+        record = new_record(job_id=job_id, kind=kind, model=model, priority=priority, **extra)
+        try:
+            await self.queue.enqueue(task, record)
+        except BaseException:
+            self.queue.results.forget(job_id)
+            raise
         self.enqueued += 1
-        return str(task.id)
+        return job_id
 
     async def _wait(self, job_id: str, wait_s: float) -> Any:
         """The job's result once stored; its error or a timeout as the matching ServiceError."""
         try:
-            if not await self.queue.wait(job_id, wait_s):
-                raise PredictTimeout(job_id, wait_s)
-            value = await self.queue.result(job_id)
+            value = await self.queue.wait(job_id, wait_s)
         except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
             raise ResultUnavailable(job_id, exc.message) from exc
-        if value is EmptyData:  # expired between the notification and the read
-            raise PredictionFailed(job_id, "the result disappeared before it could be read")
+        if value is EmptyData:
+            raise PredictTimeout(job_id, wait_s)
         if isinstance(value, Error):
             raise PredictionFailed(job_id, str(value.metadata.get("error")))
         return value
@@ -218,7 +231,7 @@ class PredictService:
         if version is not None:
             entry.get(version)  # 404 for a version nobody published
         job_id = await self._enqueue(
-            self.tasks.reload, (name, version), JobKind.RELOAD, name, RELOAD_PRIORITY
+            self.tasks.reload, (name, version), JobKind.RELOAD, name, RELOAD_PRIORITY, wait=True
         )
         try:
             result: dict[str, Any] = await self._wait(job_id, self.settings.predict_timeout_s)
@@ -327,6 +340,7 @@ class PredictService:
             "models": {m.name: m.active for m in self.catalog.models.values()},
             "cache": self.cache.stats(),
             "enqueued": self.enqueued,
+            "sync_waiting": self.queue.results.waiting,
         }
 
 

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
         1.0, gt=0, description="API side: longest wait for a Redis reply before answering 503."
     )
 
+    redis_max_connections: int = Field(
+        64, ge=4, description="API process: Redis connections shared by all its requests."
+    )
+
     # --- Queue ---------------------------------------------------------------------------
     queue_name: str = Field("hueyserve", description="Huey queue name; separates deployments.")
     result_ttl_s: int = Field(3600, gt=0, description="How long results and job records live.")
@@ -53,9 +57,7 @@ class Settings(BaseSettings):
     refresh_cron: str = Field("* * * * *", description="Crontab (m h dom mon dow): refresh.")
     cache_size: int = Field(10_000, ge=0, description="LRU entries (API and each worker); 0 = off.")
     max_sync_waiters: int = Field(
-        1000,
-        ge=1,
-        description="API process: most sync calls waiting at once (each holds a socket).",
+        10_000, ge=1, description="API process: most sync calls waiting at once (503 past)."
     )
     max_instances: int = Field(1000, ge=1, description="Most rows per request (413 past).")
     catalog_resync_s: float = Field(5.0, gt=0, description="API: full reread of active models.")

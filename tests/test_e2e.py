@@ -3,9 +3,11 @@ subprocesses on the session's Redis, then HTTP and a short locust run against th
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -253,3 +255,33 @@ def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_pat
         assert window and all(c[3] == active for c in window), (active, window[:3])
     after_refresh = [c for c in calls if c[0] > first_v3]
     assert after_refresh and all(c[3] == "3" for c in after_refresh)
+
+
+def test_a_thousand_sync_requests_wait_at_once(stack: tuple[str, Path]) -> None:
+    """One API process keeps 1,000 blocking predicts waiting (futures, not threads or
+    connections) and completes them all."""
+    base, _ = stack
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    rows = np.random.default_rng(1).normal(scale=0.05, size=(1000, 10)).tolist()
+    peak = 0
+
+    async def run() -> list[int]:
+        nonlocal peak
+        limits = httpx.Limits(max_connections=1100, max_keepalive_connections=1100)
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+
+            async def one(row: list[float]) -> int:
+                body = {"instances": [row]}
+                return (await client.post("/v1/models/diabetes:predict", json=body)).status_code
+
+            calls = asyncio.gather(*(one(row) for row in rows))
+            while not calls.done():
+                await asyncio.sleep(0.2)
+                health = await client.get("/health")
+                peak = max(peak, health.json()["sync_waiting"])
+            return await calls
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) == 1000, {s: statuses.count(s) for s in set(statuses)}
+    assert peak >= 500, peak  # they really were waiting at the same time

@@ -1,0 +1,135 @@
+"""Waiting for results without a thread or a connection per request.
+
+Each API process subscribes once to its own channel and names it in the tasks it waits for
+(`reply_to`). When a worker has stored such a task's result, it publishes the task id and the
+serialized result there (`publish_result`, a Huey post-execute hook in core.py); the
+listener resolves the waiting future. A thousand waiting requests are a thousand futures.
+
+Pub/sub drops messages while a subscriber is disconnected, so after every (re)subscribe the
+listener looks up the stored result of everything still waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+
+import redis
+import redis.asyncio as aioredis
+
+from hueyserve.errors import RedisUnavailable, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process
+STORED = b""  #: payload meaning "the result is stored; read it" (errors, lost messages)
+
+
+def reply_message(task_id: str, payload: bytes) -> bytes:
+    return task_id.encode() + b" " + payload
+
+
+def publish_result(conn: redis.Redis, channel: str, task_id: str, payload: bytes) -> None:
+    """Worker side: tell the waiting API process (payload: the serialized result, or STORED)."""
+    conn.publish(channel, reply_message(task_id, payload))
+
+
+class ResultListener:
+    """One per API process: futures by task id, resolved from one pub/sub subscription."""
+
+    def __init__(
+        self, client: aioredis.Redis, *, result_key: Callable[[str], str], max_waiting: int
+    ) -> None:
+        self.client = client
+        self.result_key = result_key
+        self.max_waiting = max_waiting
+        self.channel = CHANNEL_PREFIX + uuid.uuid4().hex
+        self.connected = asyncio.Event()
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def expect(self, task_id: str) -> None:
+        """Register interest before enqueueing, so no answer can arrive unseen."""
+        if not self.connected.is_set():
+            raise RedisUnavailable(ConnectionError("not subscribed to result notifications"))
+        if len(self._waiting) >= self.max_waiting:
+            raise ServiceUnavailable(
+                f"{len(self._waiting)} requests are already waiting in this API process "
+                "(HUEYSERVE_MAX_SYNC_WAITERS); retry shortly or submit an async job"
+            )
+        self._waiting[task_id] = asyncio.get_running_loop().create_future()
+
+    def forget(self, task_id: str) -> None:
+        self._waiting.pop(task_id, None)
+
+    async def wait(self, task_id: str, timeout_s: float) -> bytes | None:
+        """The payload once the result is stored (STORED: read it), None on timeout. Raises
+        RedisUnavailable if the subscription is lost meanwhile."""
+        future = self._waiting[task_id]
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self.forget(task_id)
+
+    async def run(self) -> None:
+        """Subscribe and resolve futures until cancelled, reconnecting after Redis failures."""
+        outage = False
+        while True:
+            try:
+                await self._listen()
+            except (redis.RedisError, OSError) as exc:
+                self.connected.clear()
+                if not outage:
+                    logger.warning("result listener lost Redis (%s); reconnecting", exc)
+                outage = True
+                self._fail_all(exc)
+                await asyncio.sleep(0.2)
+
+    async def _listen(self) -> None:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+            self.connected.set()
+            await self._sweep()  # answers published while we were not subscribed
+            while True:
+                # Wakes at once on a message; the 1 s bound keeps reads within the socket
+                # timeout and notices a dead connection.
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    task_id, _, payload = bytes(message["data"]).partition(b" ")
+                    self._resolve(task_id.decode(), payload)
+        finally:
+            self.connected.clear()
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _sweep(self) -> None:
+        pending = list(self._waiting)
+        if not pending:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id in pending:
+                pipe.exists(self.result_key(task_id))
+            found = await pipe.execute()
+        for task_id, exists in zip(pending, found, strict=True):
+            if exists:
+                self._resolve(task_id, STORED)
+
+    def _resolve(self, task_id: str, payload: bytes) -> None:
+        future = self._waiting.get(task_id)
+        if future is not None and not future.done():
+            future.set_result(payload)
+
+    def _fail_all(self, cause: Exception) -> None:
+        error = RedisUnavailable(cause)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
