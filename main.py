@@ -397,7 +397,7 @@ def wants_async(prefer: str | None) -> bool:
 
 
 def answer_headers(answer: Prediction) -> dict[str, str]:
-    headers = {"X-Cache": "hit" if answer.cached else "miss"}
+    headers = {"X-Cache": answer.source}
     headers["X-Model-Version"] = answer.model.version
     if answer.job_id:
         headers["X-Job-Id"] = answer.job_id

@@ -5,6 +5,7 @@ HTTP (v1 and v2) onto this.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import time
@@ -18,7 +19,7 @@ from huey.constants import EmptyData
 from huey.utils import Error
 
 from hueyserve import heartbeat, training
-from hueyserve.cache import PredictionCache, cache_key
+from hueyserve.cache import CacheKey, PredictionCache, cache_key
 from hueyserve.catalog import ModelCatalog, ModelVersion
 from hueyserve.errors import (
     Conflict,
@@ -56,11 +57,12 @@ class Tasks:
 
 @dataclass(frozen=True)
 class Prediction:
-    """A sync answer and where it came from."""
+    """A sync answer and where it came from: `source` is hit (the API's cache), miss (a task
+    of its own) or coalesced (shared the task of an identical request in flight)."""
 
     outputs: Outputs
     model: ModelVersion
-    cached: bool
+    source: str
     job_id: str | None = None
 
 
@@ -82,6 +84,8 @@ class PredictService:
         self.cache = cache
         self.tasks = tasks
         self.enqueued = 0  # tasks this process put on the queue (cache hits put none)
+        # Identical requests in flight share one task: cache key -> (job id, its answer).
+        self._in_flight: dict[CacheKey, tuple[str, asyncio.Future[Outputs]]] = {}
 
     # --- predict --------------------------------------------------------------------------
 
@@ -121,18 +125,40 @@ class PredictService:
         priority: int | None,
         timeout_s: float | None,
     ) -> Prediction:
-        """Answer at once from cache, or enqueue and wait for the worker's result."""
+        """Answer at once from cache, join an identical request in flight, or enqueue and wait
+        for the worker's result."""
         key = cache_key(model.name, model.version, features)
         cached = self.cache.get(key)
         if cached is not None:
-            return Prediction(cached, model, cached=True)
+            return Prediction(cached, model, "hit")
         wait_s = self._timeout(timeout_s)
-        job_id = await self._predict_job(
-            model, features, _or(priority, self.settings.sync_priority), wait=True
-        )
-        value = await self._wait(job_id, wait_s)
+        if key in self._in_flight:
+            job_id, answer = self._in_flight[key]
+            try:
+                value = await asyncio.wait_for(asyncio.shield(answer), wait_s)
+            except TimeoutError:
+                raise PredictTimeout(job_id, wait_s) from None
+            return Prediction(value, model, "coalesced", job_id)
+        job_id = str(uuid.uuid4())
+        answer = asyncio.get_running_loop().create_future()
+        answer.add_done_callback(_retrieve)
+        self._in_flight[key] = (job_id, answer)  # before any await: later ones join this
+        try:
+            priority = _or(priority, self.settings.sync_priority)
+            await self._predict_job(model, features, priority, wait=True, job_id=job_id)
+            value = await self._wait(job_id, wait_s)
+        except Exception as exc:
+            answer.set_exception(exc)  # the requests that joined get the same error
+            raise
+        except BaseException:
+            answer.cancel()
+            raise
+        else:
+            answer.set_result(value)
+        finally:
+            del self._in_flight[key]
         self.cache.put(key, value)
-        return Prediction(value, model, cached=False, job_id=job_id)
+        return Prediction(value, model, "miss", job_id)
 
     async def submit(
         self,
@@ -165,11 +191,12 @@ class PredictService:
         *,
         protocol: str = "v1",
         wait: bool = False,
+        job_id: str | None = None,
     ) -> str:
         args = (model.name, model.version, features)
         return await self._enqueue(
             self.tasks.predict, args, JobKind.PREDICT, model.name, priority, wait=wait,
-            version=model.version, instances=len(features), protocol=protocol,
+            job_id=job_id, version=model.version, instances=len(features), protocol=protocol,
         )  # fmt: skip
 
     async def _enqueue(
@@ -181,10 +208,11 @@ class PredictService:
         priority: int,
         *,
         wait: bool = False,
+        job_id: str | None = None,
         **extra: str | int | float,
     ) -> str:
         """Enqueue a task with its job record; with `wait`, the caller must `_wait` for it."""
-        job_id = str(uuid.uuid4())
+        job_id = job_id or str(uuid.uuid4())
         reply = {"reply_to": self.queue.reply_to(job_id)} if wait else {}
         task = wrapper.s(*args, priority=priority, **reply)
         task.id = job_id
@@ -342,6 +370,12 @@ class PredictService:
             "enqueued": self.enqueued,
             "sync_waiting": self.queue.results.waiting,
         }
+
+
+def _retrieve(answer: asyncio.Future[Outputs]) -> None:
+    """Mark a shared answer's error as seen, even when no identical request joined."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 def _expects(model: ModelVersion) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -337,3 +338,36 @@ def main_app() -> Any:
     import main
 
     return main.app
+
+
+def test_identical_requests_in_flight_share_one_task(client: TestClient, serve_model: Any) -> None:
+    gate = GateModel()
+    serve_model("gate", gate, n_features=1, client=client)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    enqueued = service.enqueued
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(client.post, "/v1/models/gate:predict", json={"instances": [[7]]})
+        assert gate.started.wait(10)
+        others = [
+            pool.submit(client.post, "/v1/models/gate:predict", json={"instances": [[7]]})
+            for _ in range(4)
+        ]
+        wait_for(lambda: service.cache.misses >= 5, "the four to look up the cache")
+        gate.release.set()
+        responses = [first.result(), *(other.result() for other in others)]
+    assert [r.json()["predictions"] for r in responses] == [[7.0]] * 5
+    assert [r.headers["X-Cache"] for r in responses] == ["miss"] + ["coalesced"] * 4
+    assert len({r.headers["X-Job-Id"] for r in responses}) == 1
+    assert gate.calls == [7.0] and service.enqueued == enqueued + 1
+
+
+def test_requests_sharing_a_task_share_its_error(client: TestClient, serve_model: Any) -> None:
+    serve_model("broken", FlakyModel(failures=99), n_features=1, client=client)
+    with ThreadPoolExecutor(3) as pool:
+        calls = [
+            pool.submit(client.post, "/v1/models/broken:predict", json={"instances": [[1]]})
+            for _ in range(3)
+        ]
+        responses = [call.result() for call in calls]
+    assert [r.status_code for r in responses] == [500] * 3
+    assert len({r.json()["job_id"] for r in responses}) == 1
