@@ -24,6 +24,7 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from hueyserve import catalog, datasets, results, training
+from hueyserve.batching import Batchers, BatchPolicy
 from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
 from hueyserve.jobs import JobKind, JobRecorder
@@ -56,6 +57,15 @@ store = ModelStore(settings.model_dir)
 registry = ModelRegistry(store)
 promoter = Promoter(huey.storage.conn, store, registry)
 worker_cache = PredictionCache(settings.cache_size)
+batchers = Batchers(
+    registry.get,
+    BatchPolicy(
+        max_rows=settings.batch_max_rows,
+        max_wait_s=settings.batch_max_wait_ms / 1000,
+        adaptive=settings.batch_adaptive,
+        target_s=settings.batch_target_ms / 1000,
+    ),
+)
 jobs = JobRecorder(huey.storage.conn, ttl_s=settings.result_ttl_s)
 heartbeat = Heartbeat(
     huey.storage.conn,
@@ -84,7 +94,7 @@ def predict(
     key = cache_key(model, version, features)
     outputs = worker_cache.get(key)
     if outputs is None:
-        outputs = registry.get(model, version).predict(features)
+        outputs = batchers.predict(model, version, features)  # with concurrent tasks
         worker_cache.put(key, outputs)
     # Before Huey stores the result: whoever sees the result also sees finished_at.
     jobs.done(task.id)

@@ -47,10 +47,24 @@ class Settings(BaseSettings):
     retry_backoff: float = Field(2.0, ge=1, description="Each retry waits this many times longer.")
 
     # --- Workers -------------------------------------------------------------------------
-    workers: int = Field(4, ge=1, description="Worker threads of the consumer `make run` starts.")
+    workers: int = Field(
+        8, ge=1, description="Worker threads of the consumer `make run` starts (batch width)."
+    )
     worker_type: str = Field("thread", description="Huey worker type: thread, process or greenlet.")
     heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker reports in.")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long is gone.")
+
+    # --- Batching (per worker process) ---------------------------------------------------
+    batch_max_rows: int = Field(
+        64, ge=1, description="Most rows in one batched predict call; 1 turns batching off."
+    )
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, description="How long a batch may wait for more tasks (0: take what waits)."
+    )
+    batch_adaptive: bool = Field(False, description="AIMD on the batch size toward the target.")
+    batch_target_ms: float = Field(
+        50.0, gt=0, description="Adaptive batching: latency target of one predict call."
+    )
 
     # --- Models and cache ----------------------------------------------------------------
     model_dir: Path = Field(Path("models"), description="Model store: <dir>/<name>/<version>/.")
