@@ -2,11 +2,11 @@
 run as one `predict(batch)` call.
 
 Each Huey worker thread that runs a predict task hands its rows to the model version's
-Batcher and waits. The Batcher's thread takes what is waiting (up to a row limit, after at
-most `max_wait_s` for more), predicts once, and hands each task its own rows' outputs. While
-the model computes, new tasks queue up, so batches grow with load and cost no latency when
-idle (Triton's default behaviour with a zero queue delay). If a batch fails, its tasks are
-retried one by one, so one bad input fails only its own task.
+Batcher. One of the waiting threads leads: it takes what is waiting (up to a row limit, after
+at most `max_wait_s` for more), predicts once, and hands each task its own rows' outputs.
+While the model computes, new tasks queue up, so batches grow with load and cost no latency
+when idle (Triton's default behaviour with a zero queue delay). If a batch fails, its tasks
+are retried one by one, so one bad input fails only its own task.
 
 With `adaptive`, the row limit follows Clipper's AIMD: it grows by `step` after a batch that
 met the latency target and halves after one that missed it.
@@ -15,9 +15,9 @@ met the latency target and halves after one that missed it.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,8 +26,6 @@ import numpy as np
 from hueyserve.registry import LoadedModel, Outputs
 
 logger = logging.getLogger(__name__)
-
-IDLE_EXIT_S = 60.0  # a batcher thread with nothing to do this long ends (old versions)
 
 
 @dataclass(frozen=True)
@@ -42,9 +40,14 @@ class BatchPolicy:
 @dataclass
 class _Slot:
     features: np.ndarray
-    done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  #: woken to lead the next batch, not with a result
     outputs: Outputs | None = None
     error: BaseException | None = None
+
+    def finish(self, outputs: Outputs | None, error: BaseException | None) -> None:
+        self.outputs, self.error = outputs, error
+        self.wake.set()
 
 
 #: Called after every predict call: (model, version, rows, tasks, seconds).
@@ -52,22 +55,46 @@ BatchObserver = Callable[[str, str, int, int, float], None]
 
 
 class Batcher:
-    """One model version's batching thread and its row limit."""
+    """One model version's waiting tasks and row limit. No thread of its own: the first
+    waiting task's thread leads (runs the batch), then hands the lead to the next waiting
+    task, so an idle worker pays no hand-off at all."""
 
     def __init__(
         self,
         key: tuple[str, str],
         load: Callable[[str, str], LoadedModel],
         policy: BatchPolicy,
-        observe: BatchObserver | None,
+        observe: BatchObserver | None = None,
     ) -> None:
         self.key = key
         self.load = load
         self.policy = policy
         self.observe = observe
         self.limit = policy.step if policy.adaptive else policy.max_rows
-        self.waiting: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        self.held: _Slot | None = None  # taken from the queue, but it did not fit the batch
+        self._pending: deque[_Slot] = deque()
+        self._leading = False
+        self._cond = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def predict(self, features: np.ndarray) -> Outputs:
+        slot = _Slot(features)
+        with self._cond:
+            self._pending.append(slot)
+            lead = not self._leading
+            self._leading = True
+            self._cond.notify_all()  # a leader may be waiting for more rows
+        if not lead:
+            slot.wake.wait()
+        if lead or slot.lead:
+            self._lead()
+        if slot.error is not None:
+            raise slot.error
+        assert slot.outputs is not None
+        return slot.outputs
 
     def adapt(self, seconds: float) -> None:
         """AIMD: grow the row limit while batches meet the target, halve it when one misses."""
@@ -78,61 +105,78 @@ class Batcher:
         else:
             self.limit = max(self.limit // 2, 1)
 
-    def next_batch(self, first: _Slot) -> list[_Slot]:
-        batch, rows = [first], len(first.features)
-        deadline = time.monotonic() + self.policy.max_wait_s
-        while rows < self.limit:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining > 0:
-                    slot = self.waiting.get(timeout=remaining)
-                else:
-                    slot = self.waiting.get_nowait()
-            except queue.Empty:
-                break
-            if rows + len(slot.features) > self.limit:
-                self.held = slot  # first in the next batch
-                break
-            batch.append(slot)
-            rows += len(slot.features)
-        return batch
+    def _lead(self) -> None:
+        """Run one batch (this thread's task first), then pass the lead on or give it up."""
+        batch = self._take()
+        try:
+            self._run(batch)
+        except Exception as exc:  # our own fault; still, never leave a task waiting
+            logger.exception("batch of %s failed", self.key)
+            for slot in batch:
+                if not slot.wake.is_set():
+                    slot.finish(None, exc)
+        with self._cond:
+            if self._pending:
+                successor = self._pending[0]
+                successor.lead = True
+                successor.wake.set()
+            else:
+                self._leading = False
 
-    def run_batch(self, batch: list[_Slot]) -> None:
+    def _take(self) -> list[_Slot]:
+        """The waiting tasks that fit the row limit, after up to max_wait for more."""
+        deadline = time.monotonic() + self.policy.max_wait_s
+        with self._cond:
+            while self._rows_waiting() < self.limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    break
+            batch = [self._pending.popleft()]  # this thread's own task, whatever its size
+            rows = len(batch[0].features)
+            while self._pending and rows + len(self._pending[0].features) <= self.limit:
+                batch.append(self._pending.popleft())
+                rows += len(batch[-1].features)
+            return batch
+
+    def _rows_waiting(self) -> int:
+        return sum(len(slot.features) for slot in self._pending)
+
+    def _run(self, batch: list[_Slot]) -> None:
         started = time.perf_counter()
         try:
             model = self.load(*self.key)
             if len(batch) == 1:
-                batch[0].outputs = model.predict(batch[0].features)
+                outputs = [model.predict(batch[0].features)]
             else:
-                outputs = model.predict(np.concatenate([slot.features for slot in batch]))
-                _split(outputs, batch)
+                outputs = _split(model.predict(np.concatenate([s.features for s in batch])), batch)
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].error = exc
+                batch[0].finish(None, exc)
             else:  # find the culprit: each task alone
                 for slot in batch:
-                    self.run_batch([slot])
-                return
+                    self._run([slot])
+            return
         seconds = time.perf_counter() - started
         self.adapt(seconds)
         if self.observe is not None:
             rows = sum(len(slot.features) for slot in batch)
             self.observe(*self.key, rows, len(batch), seconds)
-        for slot in batch:
-            slot.done.set()
+        for slot, answer in zip(batch, outputs, strict=True):
+            slot.finish(answer, None)
 
 
-def _split(outputs: Outputs, batch: list[_Slot]) -> None:
+def _split(outputs: Outputs, batch: list[_Slot]) -> list[Outputs]:
     """Each slot's rows of every output column."""
-    start = 0
+    parts, start = [], 0
     for slot in batch:
         end = start + len(slot.features)
-        slot.outputs = {name: column[start:end] for name, column in outputs.items()}
+        parts.append({name: column[start:end] for name, column in outputs.items()})
         start = end
+    return parts
 
 
 class Batchers:
-    """The batchers of one worker process, one per model version, started on first use."""
+    """The batchers of one worker process, one per model version."""
 
     def __init__(
         self,
@@ -150,45 +194,12 @@ class Batchers:
         """The outputs for `features`, computed in a batch with concurrent callers."""
         if self.policy.max_rows <= 1:
             return self.load(model, version).predict(features)
-        slot = _Slot(features)
-        with self._lock:  # the put happens under the lock an idle batcher exits under
+        return self.get(model, version).predict(features)
+
+    def get(self, model: str, version: str) -> Batcher:
+        with self._lock:
             batcher = self._batchers.get((model, version))
             if batcher is None:
-                batcher = self._start((model, version))
-            batcher.waiting.put(slot)
-        slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
-        assert slot.outputs is not None
-        return slot.outputs
-
-    def limits(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            return {key: batcher.limit for key, batcher in self._batchers.items()}
-
-    def _start(self, key: tuple[str, str]) -> Batcher:
-        batcher = Batcher(key, self.load, self.policy, self.observe)
-        self._batchers[key] = batcher
-        name = f"batcher-{key[0]}-{key[1]}"
-        threading.Thread(target=self._serve, args=(batcher,), name=name, daemon=True).start()
-        return batcher
-
-    def _serve(self, batcher: Batcher) -> None:
-        while True:
-            try:
-                first, batcher.held = batcher.held or batcher.waiting.get(timeout=IDLE_EXIT_S), None
-            except queue.Empty:
-                with self._lock:
-                    if batcher.waiting.empty():
-                        del self._batchers[batcher.key]
-                        return
-                continue
-            batch = batcher.next_batch(first)
-            try:
-                batcher.run_batch(batch)
-            except Exception as exc:  # our own fault; still, never leave a task waiting
-                logger.exception("batcher %s failed", batcher.key)
-                for slot in batch:
-                    if not slot.done.is_set():
-                        slot.error = exc
-                        slot.done.set()
+                batcher = Batcher((model, version), self.load, self.policy, self.observe)
+                self._batchers[(model, version)] = batcher
+            return batcher

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,7 +49,7 @@ def test_waiting_tasks_run_as_one_call_and_get_their_own_rows() -> None:
         rest = [
             pool.submit(batchers.predict, "m", "1", np.array([[i], [i + 0.5]])) for i in range(1, 9)
         ]
-        wait_for(lambda: batchers._batchers[("m", "1")].waiting.qsize() == 8, "8 tasks waiting")
+        wait_for(lambda: batchers.get("m", "1").waiting == 8, "8 tasks waiting")
         model.release.set()
         assert first.result()["predict"] == [0.0]
         answers = [future.result()["predict"] for future in rest]
@@ -63,7 +64,7 @@ def test_row_limit_splits_batches() -> None:
         first = pool.submit(batchers.predict, "m", "1", np.array([[0.0]]))
         assert model.started.wait(10)
         rest = [pool.submit(batchers.predict, "m", "1", np.array([[i], [i]])) for i in range(1, 7)]
-        wait_for(lambda: batchers._batchers[("m", "1")].waiting.qsize() == 6, "6 tasks waiting")
+        wait_for(lambda: batchers.get("m", "1").waiting == 6, "6 tasks waiting")
         model.release.set()
         first.result()
         [future.result() for future in rest]
@@ -78,12 +79,24 @@ def test_one_bad_input_fails_only_its_own_task() -> None:
         assert model.started.wait(10)
         good = [pool.submit(batchers.predict, "m", "1", np.array([[float(i)]])) for i in (1, 2)]
         bad = pool.submit(batchers.predict, "m", "1", np.array([[-1.0]]))
-        wait_for(lambda: batchers._batchers[("m", "1")].waiting.qsize() == 3, "3 waiting")
+        wait_for(lambda: batchers.get("m", "1").waiting == 3, "3 waiting")
         model.release.set()
         first.result()
         assert [future.result()["predict"] for future in good] == [[2.0], [4.0]]
         with pytest.raises(ValueError, match="negative input"):
             bad.result()
+
+
+def test_max_wait_holds_a_batch_open_for_late_tasks() -> None:
+    model = RecordingModel()
+    model.release.set()
+    batchers = batchers_for(model, max_rows=2, max_wait_s=5.0)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batchers.predict, "m", "1", np.array([[1.0]]))
+        time.sleep(0.1)  # the leader is waiting for a second row
+        second = pool.submit(batchers.predict, "m", "1", np.array([[2.0]]))
+        assert (first.result()["predict"], second.result()["predict"]) == ([2.0], [4.0])
+    assert model.batches == [2]  # full at 2 rows: it did not wait the whole 5 s
 
 
 def test_batching_off_calls_the_model_directly() -> None:
@@ -119,7 +132,7 @@ def test_concurrent_http_requests_are_batched_in_the_worker(
         first = pool.submit(post, 0.0)
         assert model.started.wait(10)
         rest = [pool.submit(post, float(i)) for i in range(1, 8)]
-        wait_for(lambda: core.batchers._batchers[("rec", "1")].waiting.qsize() == 7, "7 tasks")
+        wait_for(lambda: core.batchers.get("rec", "1").waiting == 7, "7 tasks")
         model.release.set()
         responses = [first.result(), *(future.result() for future in rest)]
     assert [r.json()["predictions"] for r in responses] == [[2.0 * i] for i in range(8)]
