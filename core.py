@@ -23,7 +23,7 @@ from redis import ConnectionPool
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from hueyserve import catalog, datasets, results, training
+from hueyserve import catalog, datasets, metrics, results, training
 from hueyserve.batching import Batchers, BatchPolicy
 from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
@@ -56,7 +56,7 @@ huey = PriorityRedisExpireHuey(
 store = ModelStore(settings.model_dir)
 registry = ModelRegistry(store)
 promoter = Promoter(huey.storage.conn, store, registry)
-worker_cache = PredictionCache(settings.cache_size)
+worker_cache = PredictionCache(settings.cache_size, where="worker")
 batchers = Batchers(
     registry.get,
     BatchPolicy(
@@ -65,7 +65,9 @@ batchers = Batchers(
         adaptive=settings.batch_adaptive,
         target_s=settings.batch_target_ms / 1000,
     ),
+    observe=metrics.observe_batch,
 )
+stopwatch = metrics.Stopwatch()
 jobs = JobRecorder(huey.storage.conn, ttl_s=settings.result_ttl_s)
 heartbeat = Heartbeat(
     huey.storage.conn,
@@ -242,6 +244,22 @@ def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
         return  # nobody waits, or Huey will retry: no final result yet
     payload = huey.serializer.serialize(value) if exc is None else results.STORED
     results.publish_result(huey.storage.conn, channel, task.id, payload)
+
+
+@huey.pre_execute()
+def _task_started(task: Task) -> None:
+    stopwatch.start(task.id)
+    metrics.TASKS_RUNNING.labels(task.name).inc()
+
+
+@huey.post_execute()
+def _task_ended(task: Task, value: Any, exc: BaseException | None) -> None:
+    metrics.TASKS_RUNNING.labels(task.name).dec()
+    seconds = stopwatch.stop(task.id)
+    if seconds is not None:
+        metrics.TASK_SECONDS.labels(task.name, "ok" if exc is None else "error").observe(seconds)
+    if _tracked(task) and (exc is None or not task.retries):
+        metrics.JOBS.labels(task.name, "done" if exc is None else "failed").inc()
 
 
 # --- job records follow the tasks through Huey's signals ---------------------------------

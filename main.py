@@ -15,14 +15,14 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic.json_schema import models_json_schema
 from redis import RedisError
 from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import core
-from hueyserve import v2_protocol
+from hueyserve import metrics, v2_protocol
 from hueyserve.cache import PredictionCache
 from hueyserve.catalog import ModelCatalog, ModelVersion
 from hueyserve.errors import ServiceError
@@ -74,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings=settings,
         queue=queue,
         catalog=catalog,
-        cache=PredictionCache(settings.cache_size),
+        cache=PredictionCache(settings.cache_size, where="api"),
         tasks=Tasks(predict=core.predict, train=core.train, reload=core.reload_model),
     )
     with contextlib.suppress(ServiceError, RedisError, OSError):
@@ -123,6 +123,7 @@ def openapi_with_v2_bodies() -> dict[str, Any]:
 
 default_openapi = app.openapi
 app.openapi = openapi_with_v2_bodies  # type: ignore[method-assign]
+app.add_middleware(metrics.RequestTimer)
 
 
 def get_service(request: Request) -> PredictService:
@@ -426,6 +427,14 @@ async def ready(service: Service) -> JSONResponse:
     if reasons:
         return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
     return JSONResponse({"ready": True})
+
+
+@app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+async def prometheus(service: Service) -> Response:
+    with contextlib.suppress(ServiceError):  # Redis down: the rest still reports
+        await service.update_queue_depth()
+    content, media_type = metrics.render()
+    return Response(content, media_type=media_type)
 
 
 @app.get("/health", summary="Details: Redis latency, queue depth, workers, models, cache")

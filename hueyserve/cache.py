@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from cachetools import LRUCache
 
+from hueyserve import metrics
+
 CacheKey = tuple[Hashable, ...]
 
 
@@ -24,8 +26,10 @@ def cache_key(model: str, version: str, features: np.ndarray) -> CacheKey:
 class PredictionCache:
     """A thread-safe LRU with hit and miss counters; `maxsize=0` turns it off."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, *, where: str) -> None:
         self.maxsize = maxsize
+        self._hit = metrics.CACHE_LOOKUPS.labels(where, "hit")
+        self._miss = metrics.CACHE_LOOKUPS.labels(where, "miss")
         self._entries: LRUCache[CacheKey, Any] = LRUCache(maxsize=max(maxsize, 1))
         self._lock = threading.Lock()
         self.hits = 0
@@ -36,11 +40,13 @@ class PredictionCache:
             return None
         with self._lock:
             value = self._entries.get(key)
-            if value is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-            return value
+        if value is None:
+            self.misses += 1
+            self._miss.inc()
+        else:
+            self.hits += 1
+            self._hit.inc()
+        return value
 
     def put(self, key: CacheKey, predictions: Any) -> None:
         if self.maxsize:

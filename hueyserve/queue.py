@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import redis
@@ -124,6 +124,16 @@ class TaskQueue:
         async with redis_errors():
             await self.client.ping()
         return (time.perf_counter() - start) * 1000
+
+    async def depth_by_priority(self, levels: Iterable[int]) -> dict[int, int]:
+        """Waiting tasks at each priority level that has any (scores are negated priorities);
+        one ZCOUNT per level in one round trip, however long the queue."""
+        levels = sorted(set(levels))
+        async with redis_errors(), self.client.pipeline(transaction=False) as pipe:
+            for level in levels:
+                pipe.zcount(self.storage.queue_key, -level, -level)
+            counts = await pipe.execute()
+        return {level: int(n) for level, n in zip(levels, counts, strict=True) if n}
 
     async def depth(self) -> int:
         async with redis_errors():

@@ -18,7 +18,7 @@ from huey.api import TaskWrapper
 from huey.constants import EmptyData
 from huey.utils import Error
 
-from hueyserve import heartbeat, training
+from hueyserve import heartbeat, metrics, training
 from hueyserve.cache import CacheKey, PredictionCache, cache_key
 from hueyserve.catalog import ModelCatalog, ModelVersion
 from hueyserve.errors import (
@@ -44,6 +44,7 @@ ENDED = (JobStatus.DONE, JobStatus.FAILED)
 #: Model names: also directory names in the store, so nothing that could leave it.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RELOAD_PRIORITY = 100  # a reload is quick and someone waits for it
+PRIORITY_LEVELS = range(101)  # every priority a request, job or periodic task can have
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class PredictService:
         self.enqueued = 0  # tasks this process put on the queue (cache hits put none)
         # Identical requests in flight share one task: cache key -> (job id, its answer).
         self._in_flight: dict[CacheKey, tuple[str, asyncio.Future[Outputs]]] = {}
+        self._priorities_seen: set[int] = set()
 
     # --- predict --------------------------------------------------------------------------
 
@@ -223,6 +225,7 @@ class PredictService:
             self.queue.results.forget(job_id)
             raise
         self.enqueued += 1
+        metrics.JOBS.labels(kind.value, "submitted").inc()
         return job_id
 
     async def _wait(self, job_id: str, wait_s: float) -> Any:
@@ -331,6 +334,17 @@ class PredictService:
         if not self.catalog.models:
             reasons.append("no model is loaded yet")
         return reasons
+
+    async def update_queue_depth(self) -> None:
+        """Set the queue-depth gauge from Redis, a priority level at a time."""
+        configured = {self.settings.sync_priority, self.settings.async_priority}
+        levels = {*PRIORITY_LEVELS, *configured, self.settings.train_priority}
+        depth = await self.queue.depth_by_priority(levels)
+        for priority in self._priorities_seen - set(depth):
+            metrics.QUEUE_DEPTH.labels(str(priority)).set(0)  # drained since the last scrape
+        for priority, count in depth.items():
+            metrics.QUEUE_DEPTH.labels(str(priority)).set(count)
+        self._priorities_seen |= set(depth)
 
     async def model_ready(self) -> bool:
         """A published model is ready when some worker is alive to serve it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from hueyserve.redis_server import EmbeddedRedis
 from hueyserve.settings import settings
+
+METRICS_DIR = Path("data/metrics")
 
 logger = logging.getLogger("hueyserve.stack")
 STOP_TIMEOUT_S = 30.0
@@ -60,6 +63,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
 
     env = dict(os.environ)
+    # Workers' and API's Prometheus metrics, added up at /metrics (prometheus_client's
+    # multiprocess mode); a fresh folder each start, as that mode requires.
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:  # one of the user's own is theirs to manage
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
+        shutil.rmtree(METRICS_DIR, ignore_errors=True)
+    Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
     embedded = None
     if not os.environ.get("REDIS_URL"):
         embedded = EmbeddedRedis(port=settings.embedded_redis_port, data_dir=Path("data"))

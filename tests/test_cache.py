@@ -16,7 +16,7 @@ def test_key_is_canonical_and_versioned() -> None:
 
 
 def test_lru_evicts_oldest_and_counts() -> None:
-    cache = PredictionCache(maxsize=2)
+    cache = PredictionCache(maxsize=2, where="api")
     keys = [cache_key("m", "1", np.asarray([[float(i)]])) for i in range(3)]
     for i, key in enumerate(keys):
         cache.put(key, [i])
@@ -26,7 +26,7 @@ def test_lru_evicts_oldest_and_counts() -> None:
 
 
 def test_zero_size_turns_the_cache_off() -> None:
-    cache = PredictionCache(maxsize=0)
+    cache = PredictionCache(maxsize=0, where="api")
     key = cache_key("m", "1", np.asarray([[1.0]]))
     cache.put(key, [1])
     assert cache.get(key) is None and cache.stats()["size"] == 0

@@ -60,7 +60,9 @@ def stack(redis_conn: redis.Redis, demo_models: Path, tmp_path: Path) -> Iterato
         **os.environ,
         "HUEYSERVE_MODEL_DIR": str(tmp_path / "models"),
         "HUEYSERVE_LOG_DIR": str(tmp_path / "logs"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),  # as `make run` sets it
     }
+    (tmp_path / "metrics").mkdir()
     port = free_port()
     consumer = spawn([str(BIN / "huey_consumer"), "core.huey", "-k", "thread", "-w", "4"], env)
     api = spawn(
@@ -100,6 +102,10 @@ def test_stack_serves_sync_and_async(stack: tuple[str, Path]) -> None:
             lambda: (body := http.get(location).json())["status"] == "done" and body, "the job"
         )
         assert job["result"]["predictions"] == sync.json()["predictions"]
+        # the API's /metrics adds up the worker process's metrics too
+        metrics = http.get("/metrics").text
+        assert 'hueyserve_task_seconds_count{outcome="ok",task="predict"} 2.0' in metrics
+        assert 'hueyserve_batch_rows_count{model="diabetes"} 1.0' in metrics  # 2nd: cached
     assert "Executing core.predict" in (log_dir / "huey.log").read_text()
     assert f"GET {location} HTTP/1.1" in (ROOT / "logs" / "access.log").read_text()
 

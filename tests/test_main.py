@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 import core
 from hueyserve import catalog
@@ -371,3 +372,43 @@ def test_requests_sharing_a_task_share_its_error(client: TestClient, serve_model
         responses = [call.result() for call in calls]
     assert [r.status_code for r in responses] == [500] * 3
     assert len({r.json()["job_id"] for r in responses}) == 1
+
+
+def test_metrics_in_prometheus_format(client: TestClient, serve_model: Any) -> None:
+    before = scrape(client)
+    rows = {"instances": [[0.01 * i] * 10 for i in range(3)]}
+    for _ in range(2):  # a miss (worker computes, batch of 3 rows), then an API cache hit
+        assert client.post(PREDICT, json=rows).status_code == 200
+    gate = GateModel()
+    serve_model("gate", gate, n_features=1, client=client)
+    for value in (1, 2, 3):  # two workers busy (one blocked, one waiting), one job queued
+        client.post("/v1/jobs", json={"model": "gate", "instances": [[value]], "priority": 3})
+    wait_for(lambda: scrape(client).get(("hueyserve_queue_depth", (("priority", "3"),))) == 1,
+             "one job queued at priority 3")  # fmt: skip
+    after = scrape(client)
+    gate.release.set()
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    route = "/v1/models/{name}:predict"
+    assert grew("hueyserve_request_seconds_count", route=route, method="POST", status="200") == 2
+    assert grew("hueyserve_cache_lookups_total", where="api", result="hit") == 1
+    assert grew("hueyserve_cache_lookups_total", where="worker", result="miss") >= 1
+    assert grew("hueyserve_batch_rows_bucket", model="diabetes", le="4.0") == 1
+    assert grew("hueyserve_batch_rows_count", model="diabetes") == 1
+    assert grew("hueyserve_task_seconds_count", task="predict", outcome="ok") >= 1
+    assert grew("hueyserve_jobs_total", kind="predict", status="submitted") == 4
+    assert grew("hueyserve_jobs_total", kind="predict", status="done") >= 1
+    assert after[("hueyserve_tasks_running", (("task", "predict"),))] >= 1
+
+
+def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics as {(sample name, sorted labels): value}."""
+    samples = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
