@@ -1,4 +1,4 @@
-"""The Huey instance and every task. Workers run: `huey_consumer core.huey -k thread -w 4`.
+"""The Huey instance and every task. Workers run: `huey_consumer core.huey -k thread -w 8`.
 
 Tasks: `predict` (per request), `train` (a new version, low priority), `reload_model` (make a
 version active now), and the periodic `refresh_models` and `retrain_models`.
