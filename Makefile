@@ -9,7 +9,7 @@ USERS ?= 20
 SPAWN_RATE ?= 10
 DURATION ?= 30s
 
-.PHONY: install install-dev run test load lint clean
+.PHONY: install install-dev run test bench load lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ run: install
 
 test: install-dev
 	$(PY) -m pytest
+
+bench: install-dev
+	$(PY) -m bench.run
 
 load: install-dev
 	mkdir -p reports

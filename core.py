@@ -29,7 +29,7 @@ from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
 from hueyserve.jobs import JobKind, JobRecorder
 from hueyserve.promotion import Promoter
-from hueyserve.registry import ModelRegistry, Outputs
+from hueyserve.registry import ModelRegistry
 from hueyserve.settings import settings
 from hueyserve.store import ModelStore
 from hueyserve.worker_logging import configure_worker_logging
@@ -90,7 +90,7 @@ TRAINING_RETRY_S = 5  # a training job that finds another running looks again th
 )
 def predict(
     model: str, version: str, features: np.ndarray, reply_to: str | None = None, *, task: Task
-) -> Outputs:
+) -> None:
     """Outputs of `model` at `version` for each row, from the worker's cache if seen;
     `reply_to` names the API process waiting for it (see `_reply`)."""
     key = cache_key(model, version, features)
@@ -98,9 +98,16 @@ def predict(
     if outputs is None:
         outputs = batchers.predict(model, version, features)  # with concurrent tasks
         worker_cache.put(key, outputs)
-    # Before Huey stores the result: whoever sees the result also sees finished_at.
-    jobs.done(task.id)
-    return outputs
+    # One round trip instead of three: the job record (first, so whoever sees the result
+    # sees finished_at), the result in Huey's own format and key, and the waiter's wake-up.
+    payload = huey.serializer.serialize(outputs)
+    with huey.storage.conn.pipeline(transaction=False) as pipe:
+        jobs.done(task.id, pipe=pipe)
+        pipe.set(huey.storage.result_key(task.id), payload, ex=settings.result_ttl_s)
+        if reply_to is not None:
+            results.publish_result(pipe, reply_to, task.id, payload)
+        pipe.execute()
+    return None  # stored already; Huey stores no None (store_none is off)
 
 
 @huey.task(name="train", context=True)
@@ -242,6 +249,8 @@ def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
     channel = (task.kwargs or {}).get("reply_to")
     if channel is None or (exc is not None and task.retries):
         return  # nobody waits, or Huey will retry: no final result yet
+    if exc is None and value is None:
+        return  # the task stored and announced its result itself (predict)
     payload = huey.serializer.serialize(value) if exc is None else results.STORED
     results.publish_result(huey.storage.conn, channel, task.id, payload)
 

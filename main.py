@@ -126,7 +126,7 @@ app.openapi = openapi_with_v2_bodies  # type: ignore[method-assign]
 app.add_middleware(metrics.RequestTimer)
 
 
-def get_service(request: Request) -> PredictService:
+async def get_service(request: Request) -> PredictService:  # async: no threadpool hop
     service: PredictService = request.app.state.service
     return service
 

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_rows: int = 64  #: most rows in one predict call; 1 turns batching off
+    max_rows: int = 1024  #: most rows in one predict call; 1 turns batching off
     max_wait_s: float = 0.0  #: how long a batch may wait for more tasks
     adaptive: bool = False  #: AIMD on the row limit, toward `target_s`
     target_s: float = 0.05  #: latency target of one predict call (adaptive)

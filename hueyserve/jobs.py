@@ -69,9 +69,11 @@ class JobRecorder:
     def running(self, job_id: str) -> None:
         self._update(job_id, {"status": JobStatus.RUNNING.value, "started_at": time.time()}, 1)
 
-    def done(self, job_id: str, **fields: str) -> None:
-        """Finished; `fields` adds what only the end tells (the version a training made)."""
-        self._update(job_id, {"status": JobStatus.DONE.value, "finished_at": time.time(), **fields})
+    def done(self, job_id: str, pipe: redis.client.Pipeline | None = None, **fields: str) -> None:
+        """Finished; `fields` adds what only the end tells (the version a training made).
+        With `pipe`, the update joins that pipeline (the caller executes it)."""
+        done: Fields = {"status": JobStatus.DONE.value, "finished_at": time.time(), **fields}
+        self._update(job_id, done, pipe=pipe)
 
     def failed(self, job_id: str, error: str) -> None:
         now = time.time()
@@ -80,11 +82,19 @@ class JobRecorder:
     def retrying(self, job_id: str, error: str) -> None:
         self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error})
 
-    def _update(self, job_id: str, fields: Fields, attempts: int = 0) -> None:
+    def _update(
+        self,
+        job_id: str,
+        fields: Fields,
+        attempts: int = 0,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> None:
         key = job_key(job_id)
-        with self.conn.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)
-            if attempts:
-                pipe.hincrby(key, "attempts", attempts)
-            pipe.expire(key, self.ttl_s)
+        own = pipe is None
+        pipe = self.conn.pipeline(transaction=True) if pipe is None else pipe
+        pipe.hset(key, mapping=fields)
+        if attempts:
+            pipe.hincrby(key, "attempts", attempts)
+        pipe.expire(key, self.ttl_s)
+        if own:
             pipe.execute()

@@ -32,7 +32,9 @@ def reply_message(task_id: str, payload: bytes) -> bytes:
     return task_id.encode() + b" " + payload
 
 
-def publish_result(conn: redis.Redis, channel: str, task_id: str, payload: bytes) -> None:
+def publish_result(
+    conn: redis.Redis | redis.client.Pipeline, channel: str, task_id: str, payload: bytes
+) -> None:
     """Worker side: tell the waiting API process (payload: the serialized result, or STORED)."""
     conn.publish(channel, reply_message(task_id, payload))
 

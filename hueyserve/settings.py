@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     # --- Batching (per worker process) ---------------------------------------------------
     batch_max_rows: int = Field(
-        64, ge=1, description="Most rows in one batched predict call; 1 turns batching off."
+        1024, ge=1, description="Most rows in one batched predict call; 1 turns batching off."
     )
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="How long a batch may wait for more tasks (0: take what waits)."
