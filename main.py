@@ -68,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         record_ttl_s=settings.result_ttl_s,
         max_waiters=settings.max_sync_waiters,
         max_connections=settings.redis_max_connections,
+        pool_timeout_s=settings.redis_pool_timeout_s,
     )
     catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
     app.state.service = PredictService(
@@ -78,6 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks=Tasks(predict=core.predict, train=core.train, reload=core.reload_model),
     )
     with contextlib.suppress(ServiceError, RedisError, OSError):
+        await queue.warm()
         await catalog.resync()  # answer the first request with models known; else follow() retries
     background = {
         asyncio.create_task(catalog.follow(), name="model-catalog"),

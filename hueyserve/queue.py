@@ -8,6 +8,7 @@ through one ResultListener per process (hueyserve.results).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import struct
 import time
@@ -56,28 +57,46 @@ class TaskQueue:
         record_ttl_s: int,
         max_waiters: int,
         max_connections: int,
+        pool_timeout_s: float,
     ) -> None:
         self.huey = huey
         self.storage = huey.storage
         self.record_ttl_s = record_ttl_s
+        self.max_connections = max_connections
         # All requests share a few connections; when they are busy, a request waits for one
-        # (at most the socket timeout) instead of failing at once as redis-py's default pool
-        # does past its limit.
+        # (a burst of a thousand requests keeps the event loop busy for a while) instead of
+        # failing at once as redis-py's default pool does past its limit.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=socket_timeout_s,
+            timeout=pool_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=socket_timeout_s,
             retry=fail_fast_retry(),
         )
         self.client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-        self.results = ResultListener(
-            self.client, result_key=self.storage.result_key, max_waiting=max_waiters
+        # The result subscription gets a connection without a read timeout: under a burst the
+        # event loop can be busy for longer than a second, and a timed-out read would drop the
+        # subscription (and fail every waiting request) though nothing is wrong.
+        self.subscriber = aioredis.Redis.from_url(
+            url, socket_connect_timeout=connect_timeout_s, retry=fail_fast_retry()
         )
+        self.results = ResultListener(
+            self.client,
+            self.subscriber,
+            result_key=self.storage.result_key,
+            max_waiting=max_waiters,
+        )
+
+    async def warm(self) -> None:
+        """Open the pool's connections now. Opened during a burst instead, they would race
+        their connect timeout against an event loop busy with a thousand requests, and lose."""
+        async with redis_errors():
+            await asyncio.gather(*(self.client.ping() for _ in range(self.max_connections)))
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.subscriber.aclose()
 
     def reply_to(self, task_id: str) -> str:
         """Expect `task_id`'s result (call before enqueueing); the channel to name in it."""

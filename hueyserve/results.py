@@ -43,9 +43,15 @@ class ResultListener:
     """One per API process: futures by task id, resolved from one pub/sub subscription."""
 
     def __init__(
-        self, client: aioredis.Redis, *, result_key: Callable[[str], str], max_waiting: int
+        self,
+        client: aioredis.Redis,
+        subscriber: aioredis.Redis,
+        *,
+        result_key: Callable[[str], str],
+        max_waiting: int,
     ) -> None:
         self.client = client
+        self.subscriber = subscriber
         self.result_key = result_key
         self.max_waiting = max_waiting
         self.channel = CHANNEL_PREFIX + uuid.uuid4().hex
@@ -96,7 +102,7 @@ class ResultListener:
                 await asyncio.sleep(0.2)
 
     async def _listen(self) -> None:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
             self.connected.set()

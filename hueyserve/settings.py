@@ -32,7 +32,10 @@ class Settings(BaseSettings):
     )
 
     redis_max_connections: int = Field(
-        64, ge=4, description="API process: Redis connections shared by all its requests."
+        32, ge=4, description="API process: Redis connections shared by all its requests."
+    )
+    redis_pool_timeout_s: float = Field(
+        5.0, gt=0, description="API: longest wait for a free connection when all are busy."
     )
 
     # --- Queue ---------------------------------------------------------------------------

@@ -282,10 +282,13 @@ def test_a_thousand_sync_requests_wait_at_once(stack: tuple[str, Path]) -> None:
                 return (await client.post("/v1/models/diabetes:predict", json=body)).status_code
 
             calls = asyncio.gather(*(one(row) for row in rows))
-            while not calls.done():
-                await asyncio.sleep(0.2)
-                health = await client.get("/health")
-                peak = max(peak, health.json()["sync_waiting"])
+            # A connection of its own each time: no race with uvicorn's keep-alive timeout.
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=base, timeout=60, limits=fresh) as monitor:
+                while not calls.done():
+                    await asyncio.sleep(0.2)
+                    health = await monitor.get("/health")
+                    peak = max(peak, health.json()["sync_waiting"])
             return await calls
 
     statuses = asyncio.run(run())
