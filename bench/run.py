@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import httpx2 as httpx
 import numpy as np
 
 from hueyserve.redis_server import EmbeddedRedis, free_port
+from hueyserve.stack import stop
 from hueyserve.store import ModelStore
 from hueyserve.training import ensure_demo_models
 
@@ -89,16 +89,6 @@ def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         command, cwd=ROOT, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wait_ready(url: str, timeout_s: float = 90) -> None:

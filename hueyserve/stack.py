@@ -33,9 +33,11 @@ def start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=env, start_new_session=True)
 
 
-def stop(process: subprocess.Popen[bytes], name: str) -> None:
+def stop(process: subprocess.Popen[bytes], name: str = "process") -> int:
+    """Ctrl-C (graceful for both uvicorn and huey_consumer), then kill if it hangs; returns
+    the exit status. Also used by the tests and the benchmark."""
     if process.poll() is not None:
-        return
+        return process.returncode
     logger.info("stopping %s (pid %s)", name, process.pid)
     process.send_signal(signal.SIGINT)
     try:
@@ -44,6 +46,7 @@ def stop(process: subprocess.Popen[bytes], name: str) -> None:
         logger.warning("%s did not stop within %ss; killing it", name, STOP_TIMEOUT_S)
         process.kill()
         process.wait()
+    return process.returncode
 
 
 def main() -> int:

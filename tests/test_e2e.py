@@ -8,7 +8,6 @@ import csv
 import os
 import random
 import resource
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import core
 from hueyserve import training
 from hueyserve.redis_server import free_port
 from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve.stack import stop
 from hueyserve.store import ModelStore
 from tests.conftest import wait_for
 
@@ -36,18 +36,6 @@ BIN = Path(sys.executable).parent
 
 def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
-
-
-def stop(process: subprocess.Popen[bytes]) -> int:
-    """Ctrl-C (graceful for both uvicorn and huey_consumer), then kill if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 @pytest.fixture
