@@ -88,7 +88,15 @@ class Batcher:
             self._leading = True
             self._cond.notify_all()  # a leader may be waiting for more rows
         if not lead:
-            slot.wake.wait()
+            try:
+                slot.wake.wait()
+            except BaseException:  # a greenlet worker's task timeout: leave no orphan behind
+                with self._cond:
+                    if slot in self._pending:
+                        self._pending.remove(slot)
+                        if slot.lead:
+                            self._pass_lead()
+                raise
         if lead or slot.lead:
             self._lead()
         if slot.error is not None:
@@ -113,15 +121,19 @@ class Batcher:
         except Exception as exc:  # our own fault; still, never leave a task waiting
             logger.exception("batch of %s failed", self.key)
             for slot in batch:
-                if not slot.wake.is_set():
+                if slot.outputs is None and slot.error is None:
                     slot.finish(None, exc)
         with self._cond:
-            if self._pending:
-                successor = self._pending[0]
-                successor.lead = True
-                successor.wake.set()
-            else:
-                self._leading = False
+            self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        """Wake the next waiting task to lead, or give the lead up (hold the lock)."""
+        if self._pending:
+            successor = self._pending[0]
+            successor.lead = True
+            successor.wake.set()
+        else:
+            self._leading = False
 
     def _take(self) -> list[_Slot]:
         """The waiting tasks that fit the row limit, after up to max_wait for more."""
@@ -157,12 +169,14 @@ class Batcher:
                     self._run([slot])
             return
         seconds = time.perf_counter() - started
+        for slot, answer in zip(batch, outputs, strict=True):
+            slot.finish(answer, None)  # first: nothing below may cost a task its answer
         self.adapt(seconds)
         if self.observe is not None:
-            rows = sum(len(slot.features) for slot in batch)
-            self.observe(*self.key, rows, len(batch), seconds)
-        for slot, answer in zip(batch, outputs, strict=True):
-            slot.finish(answer, None)
+            try:
+                self.observe(*self.key, sum(len(s.features) for s in batch), len(batch), seconds)
+            except Exception:
+                logger.exception("batch observer failed")
 
 
 def _split(outputs: Outputs, batch: list[_Slot]) -> list[Outputs]:

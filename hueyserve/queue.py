@@ -78,8 +78,13 @@ class TaskQueue:
         # The result subscription gets a connection without a read timeout: under a burst the
         # event loop can be busy for longer than a second, and a timed-out read would drop the
         # subscription (and fail every waiting request) though nothing is wrong.
+        # No silent reconnect either (redis-py would re-subscribe inside get_message and hide
+        # the gap): the listener must see the failure to look up what it may have missed.
         self.subscriber = aioredis.Redis.from_url(
-            url, socket_connect_timeout=connect_timeout_s, retry=fail_fast_retry()
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), retries=0),
         )
         self.results = ResultListener(
             self.client,

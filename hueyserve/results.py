@@ -74,7 +74,9 @@ class ResultListener:
         self._waiting[task_id] = asyncio.get_running_loop().create_future()
 
     def forget(self, task_id: str) -> None:
-        self._waiting.pop(task_id, None)
+        future = self._waiting.pop(task_id, None)
+        if future is not None and future.done() and not future.cancelled():
+            future.exception()  # seen: asyncio would log an unretrieved one
 
     async def wait(self, task_id: str, timeout_s: float) -> bytes | None:
         """The payload once the result is stored (STORED: read it), None on timeout. Raises
@@ -93,10 +95,10 @@ class ResultListener:
         while True:
             try:
                 await self._listen()
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # Redis gone, or our own bug: never stop listening
                 self.connected.clear()
                 if not outage:
-                    logger.warning("result listener lost Redis (%s); reconnecting", exc)
+                    logger.warning("result listener lost its subscription (%s); resubscribing", exc)
                 outage = True
                 self._fail_all(exc)
                 await asyncio.sleep(0.2)
@@ -112,8 +114,9 @@ class ResultListener:
                 # timeout and notices a dead connection.
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
+                    # Task ids are UUIDs (no spaces); the payload may hold any byte.
                     task_id, _, payload = bytes(message["data"]).partition(b" ")
-                    self._resolve(task_id.decode(), payload)
+                    self._resolve(task_id.decode(errors="replace"), payload)
         finally:
             self.connected.clear()
             with contextlib.suppress(Exception):
@@ -137,7 +140,11 @@ class ResultListener:
             future.set_result(payload)
 
     def _fail_all(self, cause: Exception) -> None:
-        error = RedisUnavailable(cause)
+        error = RedisUnavailable(
+            cause
+            if isinstance(cause, redis.RedisError | OSError)
+            else ConnectionError(f"result listener failed: {cause!r}")
+        )
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)

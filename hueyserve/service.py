@@ -134,33 +134,33 @@ class PredictService:
         if cached is not None:
             return Prediction(cached, model, "hit")
         wait_s = self._timeout(timeout_s)
-        if key in self._in_flight:
-            job_id, answer = self._in_flight[key]
-            try:
-                value = await asyncio.wait_for(asyncio.shield(answer), wait_s)
-            except TimeoutError:
-                raise PredictTimeout(job_id, wait_s) from None
-            return Prediction(value, model, "coalesced", job_id)
-        job_id = str(uuid.uuid4())
-        answer = asyncio.get_running_loop().create_future()
-        answer.add_done_callback(_retrieve)
-        self._in_flight[key] = (job_id, answer)  # before any await: later ones join this
-        try:
+        source = "coalesced"
+        if key not in self._in_flight:  # no await before this entry exists: later ones join
+            source, job_id = "miss", str(uuid.uuid4())
             priority = _or(priority, self.settings.sync_priority)
+            run = asyncio.ensure_future(self._run_job(model, features, priority, job_id, key))
+            run.add_done_callback(_retrieve)
+            self._in_flight[key] = (job_id, run)
+        job_id, shared = self._in_flight[key]
+        # Each request waits as long as it asked; the shared job waits as long as allowed, so a
+        # short or cancelled request never cuts the wait of those that joined it.
+        try:
+            value = await asyncio.wait_for(asyncio.shield(shared), wait_s)
+        except TimeoutError:
+            raise PredictTimeout(job_id, wait_s) from None
+        return Prediction(value, model, source, job_id)
+
+    async def _run_job(
+        self, model: ModelVersion, features: np.ndarray, priority: int, job_id: str, key: CacheKey
+    ) -> Outputs:
+        """Enqueue a predict task and wait for it: the work that identical requests share."""
+        try:
             await self._predict_job(model, features, priority, wait=True, job_id=job_id)
-            value = await self._wait(job_id, wait_s)
-        except Exception as exc:
-            answer.set_exception(exc)  # the requests that joined get the same error
-            raise
-        except BaseException:
-            answer.cancel()
-            raise
-        else:
-            answer.set_result(value)
+            value: Outputs = await self._wait(job_id, self.settings.predict_timeout_s)
         finally:
             del self._in_flight[key]
         self.cache.put(key, value)
-        return Prediction(value, model, "miss", job_id)
+        return value
 
     async def submit(
         self,

@@ -412,3 +412,35 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def test_a_joined_request_outlives_a_short_leader(client: TestClient, serve_model: Any) -> None:
+    """The first request gives up after 0.3 s (504); the identical one that joined it waits
+    as long as it asked and gets the answer."""
+    gate = GateModel()
+    serve_model("gate", gate, n_features=1, client=client)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(2) as pool:
+        body = {"instances": [[5]]}
+        short = pool.submit(client.post, "/v1/models/gate:predict", json={**body, "timeout": 0.3})
+        assert gate.started.wait(10)
+        patient = pool.submit(client.post, "/v1/models/gate:predict", json=body)
+        wait_for(lambda: service.cache.misses >= 2, "the second request to join")
+        assert short.result().status_code == 504
+        gate.release.set()
+        answer = patient.result()
+    assert answer.status_code == 200 and answer.json()["predictions"] == [5.0]
+    assert answer.headers["X-Cache"] == "coalesced"
+
+
+def test_result_listener_survives_a_bad_message_and_a_killed_connection(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    listener = client.app.state.service.queue.results  # type: ignore[attr-defined]
+    redis_conn.publish(listener.channel, b"\xff\xfe not a task id")
+    assert redis_conn.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    wait_for(lambda: listener.connected.is_set(), "the listener to resubscribe")
+    wait_for(
+        lambda: client.post(PREDICT, json={"instances": [[0.5] * 10]}).status_code == 200,
+        "predictions to work again",
+    )
