@@ -170,10 +170,8 @@ def retrain_models() -> dict[str, Any]:
         if plan is None:
             continue  # not trained by hueyserve: no data source to go back to
         try:
-            if (
-                datasets.fingerprint(plan.dataset, settings.dataset_dir)
-                == (newest["training"]["fingerprint"])
-            ):
+            fingerprint = datasets.fingerprint(plan.dataset, settings.dataset_dir)
+            if fingerprint == newest["training"]["fingerprint"]:
                 logger.info("retrain %s: data unchanged since version %s", name, newest["version"])
                 continue
             with _training_lock(wait_s=settings.train_timeout_s):

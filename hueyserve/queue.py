@@ -79,19 +79,14 @@ class TaskQueue:
         # event loop can be busy for longer than a second, and a timed-out read would drop the
         # subscription (and fail every waiting request) though nothing is wrong.
         # No silent reconnect either (redis-py would re-subscribe inside get_message and hide
-        # the gap): the listener must see the failure to look up what it may have missed.
+        # the gap): the listener must see the failure and fail the requests it left waiting.
         self.subscriber = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=connect_timeout_s,
             socket_keepalive=True,
             retry=Retry(NoBackoff(), retries=0),
         )
-        self.results = ResultListener(
-            self.client,
-            self.subscriber,
-            result_key=self.storage.result_key,
-            max_waiting=max_waiters,
-        )
+        self.results = ResultListener(self.subscriber, max_waiting=max_waiters)
 
     async def warm(self) -> None:
         """Open the pool's connections now. Opened during a burst instead, they would race

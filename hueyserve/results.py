@@ -5,8 +5,9 @@ Each API process subscribes once to its own channel and names it in the tasks it
 serialized result there (`publish_result`, a Huey post-execute hook in core.py); the
 listener resolves the waiting future. A thousand waiting requests are a thousand futures.
 
-Pub/sub drops messages while a subscriber is disconnected, so after every (re)subscribe the
-listener looks up the stored result of everything still waiting.
+Pub/sub drops messages while a subscriber is disconnected, so a lost subscription fails
+every waiting request at once (503 with its job id: the job goes on and can be read), and
+requests are refused until the listener has subscribed again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -25,34 +25,21 @@ from hueyserve.errors import RedisUnavailable, ServiceUnavailable
 logger = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process
-STORED = b""  #: payload meaning "the result is stored; read it" (errors, lost messages)
-
-
-def reply_message(task_id: str, payload: bytes) -> bytes:
-    return task_id.encode() + b" " + payload
+STORED = b""  #: payload meaning "the result is stored; read it" (errors)
 
 
 def publish_result(
     conn: redis.Redis | redis.client.Pipeline, channel: str, task_id: str, payload: bytes
 ) -> None:
     """Worker side: tell the waiting API process (payload: the serialized result, or STORED)."""
-    conn.publish(channel, reply_message(task_id, payload))
+    conn.publish(channel, task_id.encode() + b" " + payload)
 
 
 class ResultListener:
     """One per API process: futures by task id, resolved from one pub/sub subscription."""
 
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        subscriber: aioredis.Redis,
-        *,
-        result_key: Callable[[str], str],
-        max_waiting: int,
-    ) -> None:
-        self.client = client
+    def __init__(self, subscriber: aioredis.Redis, *, max_waiting: int) -> None:
         self.subscriber = subscriber
-        self.result_key = result_key
         self.max_waiting = max_waiting
         self.channel = CHANNEL_PREFIX + uuid.uuid4().hex
         self.connected = asyncio.Event()
@@ -108,7 +95,6 @@ class ResultListener:
         try:
             await pubsub.subscribe(self.channel)
             self.connected.set()
-            await self._sweep()  # answers published while we were not subscribed
             while True:
                 # Wakes at once on a message; the 1 s bound keeps reads within the socket
                 # timeout and notices a dead connection.
@@ -121,18 +107,6 @@ class ResultListener:
             self.connected.clear()
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def _sweep(self) -> None:
-        pending = list(self._waiting)
-        if not pending:
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for task_id in pending:
-                pipe.exists(self.result_key(task_id))
-            found = await pipe.execute()
-        for task_id, exists in zip(pending, found, strict=True):
-            if exists:
-                self._resolve(task_id, STORED)
 
     def _resolve(self, task_id: str, payload: bytes) -> None:
         future = self._waiting.get(task_id)

@@ -438,7 +438,7 @@ def test_result_listener_survives_a_bad_message_and_a_killed_connection(
 ) -> None:
     listener = client.app.state.service.queue.results  # type: ignore[attr-defined]
     redis_conn.publish(listener.channel, b"\xff\xfe not a task id")
-    assert redis_conn.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    assert redis_conn.client_kill_filter(_type="pubsub") >= 1
     wait_for(lambda: listener.connected.is_set(), "the listener to resubscribe")
     wait_for(
         lambda: client.post(PREDICT, json={"instances": [[0.5] * 10]}).status_code == 200,
