@@ -13,23 +13,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from huey import PriorityRedisExpireHuey, crontab, signals
 from huey.api import Task
 from huey.exceptions import RetryTask
+from huey.utils import Error
 from redis import ConnectionPool
 from redis.exceptions import LockError
 from redis.lock import Lock
 
 from hueyserve import catalog, datasets, metrics, results, training
-from hueyserve.batching import Batchers, BatchPolicy
+from hueyserve.batching import Batchers, BatchPolicy, split_rows
 from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
 from hueyserve.jobs import JobKind, JobRecorder
 from hueyserve.promotion import Promoter
-from hueyserve.registry import ModelRegistry
+from hueyserve.registry import ModelRegistry, Outputs
 from hueyserve.settings import settings
 from hueyserve.store import ModelStore
 from hueyserve.worker_logging import configure_worker_logging
@@ -89,25 +90,71 @@ TRAINING_RETRY_S = 5  # a training job that finds another running looks again th
     context=True,
 )
 def predict(
-    model: str, version: str, features: np.ndarray, reply_to: str | None = None, *, task: Task
+    model: str,
+    version: str,
+    features: np.ndarray,
+    reply_to: str | None = None,
+    members: list[tuple[str, int]] | None = None,
+    *,
+    task: Task,
 ) -> None:
-    """Outputs of `model` at `version` for each row, from the worker's cache if seen;
-    `reply_to` names the API process waiting for it (see `_reply`)."""
-    key = cache_key(model, version, features)
-    outputs = worker_cache.get(key)
-    if outputs is None:
-        outputs = batchers.predict(model, version, features)  # with concurrent tasks
-        worker_cache.put(key, outputs)
-    # One round trip instead of three: the job record (first, so whoever sees the result
-    # sees finished_at), the result in Huey's own format and key, and the waiter's wake-up.
-    payload = huey.serializer.serialize(outputs)
+    """Outputs of `model` at `version` for each row, from the worker's cache if seen.
+    `members` splits the rows among the jobs of a group of sync requests (job id, rows); by
+    default the task is one job. `reply_to` names the API process waiting for them."""
+    parts = members or [(task.id, len(features))]
+    ends = np.cumsum([rows for _, rows in parts])
+    answers = _answers(model, version, np.split(features, ends[:-1]))
+    errors = [answer for answer in answers if isinstance(answer, Exception)]
+    if len(errors) == len(answers):
+        raise errors[0]  # Huey retries the task, or fails every job (_reply, _on_error)
+    # One round trip for all the jobs: each job's record (first, so whoever sees the result
+    # sees finished_at), its result in Huey's own format and key, and the waiter's wake-up.
     with huey.storage.conn.pipeline(transaction=False) as pipe:
-        jobs.done(task.id, pipe=pipe)
-        pipe.set(huey.storage.result_key(task.id), payload, ex=settings.result_ttl_s)
-        if reply_to is not None:
-            results.publish_result(pipe, reply_to, task.id, payload)
+        for (job_id, _), answer in zip(parts, answers, strict=True):
+            if isinstance(answer, Exception):  # this job's own rows failed, the others' did not
+                jobs.failed(job_id, _reason(answer), pipe=pipe)
+                payload = huey.serializer.serialize(Error(huey.build_error_result(task, answer)))
+            else:
+                jobs.done(job_id, pipe=pipe)
+                payload = huey.serializer.serialize(answer)
+            pipe.set(huey.storage.result_key(job_id), payload, ex=settings.result_ttl_s)
+            if reply_to is not None:
+                results.publish_result(pipe, reply_to, job_id, payload)
         pipe.execute()
     return None  # stored already; Huey stores no None (store_none is off)
+
+
+def _answers(model: str, version: str, inputs: list[np.ndarray]) -> list[Outputs | Exception]:
+    """Each input's outputs (or the error of its own rows), from the worker's cache if seen."""
+    keys = [cache_key(model, version, rows) for rows in inputs]
+    answers: list[Outputs | Exception | None] = [worker_cache.get(key) for key in keys]
+    missing = [i for i, answer in enumerate(answers) if answer is None]
+    computed = _predict_each(model, version, [inputs[i] for i in missing])
+    for i, answer in zip(missing, computed, strict=True):
+        answers[i] = answer
+        if not isinstance(answer, Exception):
+            worker_cache.put(keys[i], answer)
+    return cast(list[Outputs | Exception], answers)
+
+
+def _predict_each(model: str, version: str, inputs: list[np.ndarray]) -> list[Outputs | Exception]:
+    """One batched call (with concurrent tasks) for all the inputs; if it fails, each input
+    alone, so one bad input fails only its own job."""
+    if len(inputs) > 1:
+        try:
+            outputs = batchers.predict(model, version, np.concatenate(inputs))
+            return list(split_rows(outputs, [len(rows) for rows in inputs]))
+        except Exception:
+            logger.warning(
+                "a group for %s v%s failed; predicting its jobs one by one", model, version
+            )
+    answers: list[Outputs | Exception] = []
+    for rows in inputs:
+        try:
+            answers.append(batchers.predict(model, version, rows))
+        except Exception as exc:
+            answers.append(exc)
+    return answers
 
 
 @huey.task(name="train", context=True)
@@ -249,8 +296,19 @@ def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
         return  # nobody waits, or Huey will retry: no final result yet
     if exc is None and value is None:
         return  # the task stored and announced its result itself (predict)
-    payload = huey.serializer.serialize(value) if exc is None else results.STORED
-    results.publish_result(huey.storage.conn, channel, task.id, payload)
+    if exc is None:
+        results.publish_result(
+            huey.storage.conn, channel, task.id, huey.serializer.serialize(value)
+        )
+        return
+    # Huey stored the Error under the task's id; a group's other jobs need it under theirs.
+    error = huey.serializer.serialize(Error(huey.build_error_result(task, exc)))
+    with huey.storage.conn.pipeline(transaction=False) as pipe:
+        for job_id in _job_ids(task):
+            if job_id != task.id:
+                pipe.set(huey.storage.result_key(job_id), error, ex=settings.result_ttl_s)
+            results.publish_result(pipe, channel, job_id, results.STORED)
+        pipe.execute()
 
 
 @huey.pre_execute()
@@ -279,18 +337,29 @@ def _tracked(task: Task) -> bool:
     return task.name in _TRACKED
 
 
+def _job_ids(task: Task) -> list[str]:
+    """The jobs a task answers: a group of sync requests names them; otherwise its own id."""
+    members = (task.kwargs or {}).get("members")
+    return [job_id for job_id, _ in members] if members else [task.id]
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 @huey.signal(signals.SIGNAL_EXECUTING)
 def _on_executing(signal: str, task: Task) -> None:
     if _tracked(task):
-        jobs.running(task.id)
+        jobs.running(*_job_ids(task))
 
 
 @huey.signal(signals.SIGNAL_ERROR, signals.SIGNAL_TIMEOUT)
 def _on_error(signal: str, task: Task, exc: BaseException | None = None) -> None:
     if not _tracked(task):
         return
-    reason = f"timed out after {task.timeout}s" if exc is None else f"{type(exc).__name__}: {exc}"
-    if task.retries:  # Huey retries it; the record says why the last attempt failed
-        jobs.retrying(task.id, reason)
-    else:
-        jobs.failed(task.id, reason)
+    reason = f"timed out after {task.timeout}s" if exc is None else _reason(exc)
+    for job_id in _job_ids(task):
+        if task.retries:  # Huey retries it; the record says why the last attempt failed
+            jobs.retrying(job_id, reason)
+        else:
+            jobs.failed(job_id, reason)

@@ -27,6 +27,7 @@ from hueyserve import metrics, v2_protocol
 from hueyserve.cache import PredictionCache
 from hueyserve.catalog import ModelCatalog, ModelVersion
 from hueyserve.errors import ServiceError
+from hueyserve.hot_path import CachedAnswers
 from hueyserve.queue import TaskQueue
 from hueyserve.schemas import (
     ErrorBody,
@@ -44,7 +45,7 @@ from hueyserve.schemas import (
 )
 from hueyserve.service import MODEL_NAME, Prediction, PredictService, Tasks
 from hueyserve.settings import settings
-from hueyserve.validation import validation_failure
+from hueyserve.validation import parse_json_body, validation_failure
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,12 @@ app = FastAPI(
 
 
 def openapi_with_v2_bodies() -> dict[str, Any]:
-    """FastAPI's schema, plus the v2 infer body (the route reads it raw, for binary tensors)."""
+    """FastAPI's schema, plus the bodies of the routes that read theirs raw (v2 infer, for
+    binary tensors; v1 predict, to answer repeated bodies before parsing them)."""
     if app.openapi_schema is None:
         schema = default_openapi()
         _, defs = models_json_schema(
-            [(v2_protocol.InferenceRequest, "validation")],
+            [(v2_protocol.InferenceRequest, "validation"), (PredictRequest, "validation")],
             ref_template="#/components/schemas/{model}",
         )
         schema["components"]["schemas"].update(defs["$defs"])
@@ -126,6 +128,7 @@ def openapi_with_v2_bodies() -> dict[str, Any]:
 
 default_openapi = app.openapi
 app.openapi = openapi_with_v2_bodies  # type: ignore[method-assign]
+app.add_middleware(CachedAnswers)  # inside the timer, so cache hits are timed too
 app.add_middleware(metrics.RequestTimer)
 
 
@@ -183,57 +186,67 @@ async def model_status(name: str, service: Service) -> JSONResponse:
     return JSONResponse(status.model_dump(), status_code=200 if ready else 503)
 
 
+PREDICT_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+}
+
+
 @app.post(
     "/v1/models/{name:model}:predict",
     response_model=PredictResponse,
     responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
+    openapi_extra={"requestBody": PREDICT_BODY},
     summary="Predict with the active version (blocking), or a job with `Prefer: respond-async`",
 )
 async def predict(
     name: str,
-    body: PredictRequest,
+    request: Request,
     service: Service,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response:
-    return await predict_v1(service.catalog.get(name), body, service, prefer)
+    return await predict_v1(service.catalog.get(name), request, service, prefer)
 
 
 @app.post(
     "/v1/models/{name:model}/versions/{version}:predict",
     response_model=PredictResponse,
     responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
+    openapi_extra={"requestBody": PREDICT_BODY},
     summary="Predict with one version, active or not",
 )
 async def predict_version(
     name: str,
     version: str,
-    body: PredictRequest,
+    request: Request,
     service: Service,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Response:
-    return await predict_v1(service.catalog.get(name, version), body, service, prefer)
+    return await predict_v1(service.catalog.get(name, version), request, service, prefer)
 
 
 async def predict_v1(
-    model: ModelVersion,
-    body: PredictRequest,
-    service: PredictService,
-    prefer: str | None,
+    model: ModelVersion, request: Request, service: PredictService, prefer: str | None
 ) -> Response:
+    """The body is read raw and parsed by pydantic-core straight from the bytes; the answer is
+    kept under those bytes, so hueyserve.hot_path answers them again before any parsing."""
+    raw = await request.body()
+    body = parse_json_body(PredictRequest, raw, request.headers.get("content-type"))
     features = service.rows(model, body.instances)
     if wants_async(prefer):
         return accepted_response(await service.submit(model, features, priority=body.priority))
     answer = await service.infer(model, features, priority=body.priority, timeout_s=body.timeout)
     # Rendered with orjson straight away: the response model documents the body, and
     # validating our own output once more per request would only cost time.
-    content = {
-        "predictions": v1_predictions(model, answer.outputs),
-        "model_name": model.name,
-        "model_version": model.version,
-    }
-    return Response(
-        orjson.dumps(content), media_type="application/json", headers=answer_headers(answer)
+    content = orjson.dumps(
+        {
+            "predictions": v1_predictions(model, answer.outputs),
+            "model_name": model.name,
+            "model_version": model.version,
+        }
     )
+    service.keep_answer(model, raw, content)
+    return Response(content, media_type="application/json", headers=answer_headers(answer))
 
 
 # --- Open Inference Protocol v2 ---------------------------------------------------------------

@@ -80,6 +80,11 @@ class Batcher:
         with self._cond:
             return len(self._pending)
 
+    @property
+    def rows_waiting(self) -> int:
+        with self._cond:
+            return self._rows_waiting()
+
     def predict(self, features: np.ndarray) -> Outputs:
         slot = _Slot(features)
         with self._cond:
@@ -160,7 +165,8 @@ class Batcher:
             if len(batch) == 1:
                 outputs = [model.predict(batch[0].features)]
             else:
-                outputs = _split(model.predict(np.concatenate([s.features for s in batch])), batch)
+                merged = model.predict(np.concatenate([s.features for s in batch]))
+                outputs = split_rows(merged, [len(s.features) for s in batch])
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].finish(None, exc)
@@ -179,13 +185,12 @@ class Batcher:
                 logger.exception("batch observer failed")
 
 
-def _split(outputs: Outputs, batch: list[_Slot]) -> list[Outputs]:
-    """Each slot's rows of every output column."""
+def split_rows(outputs: Outputs, sizes: list[int]) -> list[Outputs]:
+    """Outputs of stacked inputs, cut back into one part per input of the given row counts."""
     parts, start = [], 0
-    for slot in batch:
-        end = start + len(slot.features)
-        parts.append({name: column[start:end] for name, column in outputs.items()})
-        start = end
+    for size in sizes:
+        parts.append({name: column[start : start + size] for name, column in outputs.items()})
+        start += size
     return parts
 
 

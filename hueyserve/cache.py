@@ -48,6 +48,17 @@ class PredictionCache:
             self._hit.inc()
         return value
 
+    def peek(self, key: CacheKey) -> Any | None:
+        """Like `get`, but a miss is not counted (a cheaper first look, before `get`)."""
+        if self.maxsize == 0:
+            return None
+        with self._lock:
+            value = self._entries.get(key)
+        if value is not None:
+            self.hits += 1
+            self._hit.inc()
+        return value
+
     def put(self, key: CacheKey, predictions: Any) -> None:
         if self.maxsize:
             with self._lock:

@@ -106,6 +106,9 @@ class JobError(ServiceError):
     def body(self) -> dict[str, Any]:
         return {"error": self.message, "job_id": self.job_id}
 
+    def headers(self) -> dict[str, str]:
+        return {"X-Job-Id": self.job_id}
+
 
 class PredictTimeout(JobError):
     status_code = 504
@@ -115,7 +118,7 @@ class PredictTimeout(JobError):
         super().__init__(message, job_id)
 
     def headers(self) -> dict[str, str]:
-        return {"Location": f"/v1/jobs/{self.job_id}"}
+        return {**super().headers(), "Location": f"/v1/jobs/{self.job_id}"}
 
 
 class ResultUnavailable(JobError):
@@ -129,7 +132,7 @@ class ResultUnavailable(JobError):
         )
 
     def headers(self) -> dict[str, str]:
-        return {"Location": f"/v1/jobs/{self.job_id}", "Retry-After": "1"}
+        return {**super().headers(), "Location": f"/v1/jobs/{self.job_id}", "Retry-After": "1"}
 
 
 class PredictionFailed(JobError):

@@ -66,8 +66,13 @@ class JobRecorder:
         self.conn = conn
         self.ttl_s = ttl_s
 
-    def running(self, job_id: str) -> None:
-        self._update(job_id, {"status": JobStatus.RUNNING.value, "started_at": time.time()}, 1)
+    def running(self, *job_ids: str) -> None:
+        """Started (all the jobs of a group at once, in one round trip)."""
+        started: Fields = {"status": JobStatus.RUNNING.value, "started_at": time.time()}
+        with self.conn.pipeline(transaction=True) as pipe:
+            for job_id in job_ids:
+                self._update(job_id, started, 1, pipe=pipe)
+            pipe.execute()
 
     def done(self, job_id: str, pipe: redis.client.Pipeline | None = None, **fields: str) -> None:
         """Finished; `fields` adds what only the end tells (the version a training made).
@@ -75,9 +80,10 @@ class JobRecorder:
         done: Fields = {"status": JobStatus.DONE.value, "finished_at": time.time(), **fields}
         self._update(job_id, done, pipe=pipe)
 
-    def failed(self, job_id: str, error: str) -> None:
+    def failed(self, job_id: str, error: str, pipe: redis.client.Pipeline | None = None) -> None:
         now = time.time()
-        self._update(job_id, {"status": JobStatus.FAILED.value, "error": error, "finished_at": now})
+        failed: Fields = {"status": JobStatus.FAILED.value, "error": error, "finished_at": now}
+        self._update(job_id, failed, pipe=pipe)
 
     def retrying(self, job_id: str, error: str) -> None:
         self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error})

@@ -103,15 +103,17 @@ class TaskQueue:
         self.results.expect(task_id)
         return self.results.channel
 
-    async def enqueue(self, task: Task, record: Fields) -> None:
-        """Put `task` on Huey's priority queue and write its job record, atomically."""
+    async def enqueue(self, task: Task, records: dict[str, Fields]) -> None:
+        """Put `task` on Huey's priority queue and write its job records (one, or one per
+        request of a group), atomically."""
         data = self.huey.serialize_task(task)
         # Same member layout as huey's RedisPriorityQueue: a microsecond prefix keeps FIFO order
         # within a priority; the score is the negated priority (ZPOPMIN takes the highest).
         member = struct.pack(">Q", time.time_ns() // 1000) + data
         async with redis_errors(), self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key(task.id), mapping=record)
-            pipe.expire(job_key(task.id), self.record_ttl_s)
+            for job_id, record in records.items():
+                pipe.hset(job_key(job_id), mapping=record)
+                pipe.expire(job_key(job_id), self.record_ttl_s)
             pipe.zadd(self.storage.queue_key, {member: -(task.priority or 0)})
             await pipe.execute()
 

@@ -32,6 +32,7 @@ from hueyserve.errors import (
     ResultUnavailable,
     ServiceError,
 )
+from hueyserve.gathering import Gatherer, GroupKey, Member
 from hueyserve.jobs import JobKind, JobStatus, new_record
 from hueyserve.queue import TaskQueue, redis_errors
 from hueyserve.registry import Outputs
@@ -43,6 +44,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 ENDED = (JobStatus.DONE, JobStatus.FAILED)
 #: Model names: also directory names in the store, so nothing that could leave it.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_KEPT_BODY = 64 * 1024  #: larger v1 bodies are not kept as cache keys (hueyserve.hot_path)
 RELOAD_PRIORITY = 100  # a reload is quick and someone waits for it
 PRIORITY_LEVELS = range(101)  # every priority a request, job or periodic task can have
 
@@ -88,6 +90,12 @@ class PredictService:
         # Identical requests in flight share one task: cache key -> (job id, its answer).
         self._in_flight: dict[CacheKey, tuple[str, asyncio.Future[Outputs]]] = {}
         self._priorities_seen: set[int] = set()
+        # Sync misses that arrive together go to the workers as one task.
+        self.gatherer = Gatherer(
+            self._send_group,
+            max_rows=settings.batch_max_rows,
+            max_in_flight=settings.group_max_in_flight,
+        )
 
     # --- predict --------------------------------------------------------------------------
 
@@ -118,6 +126,14 @@ class PredictService:
             )
         if rows == 0:
             raise InvalidInput("no instances: send at least one row")
+
+    def cached_answer(self, model: ModelVersion, body: bytes) -> bytes | None:
+        """A v1 answer rendered before for exactly this body, skipping parsing altogether."""
+        return self.cache.peek(_answer_key(model, body))
+
+    def keep_answer(self, model: ModelVersion, body: bytes, content: bytes) -> None:
+        if len(body) <= MAX_KEPT_BODY:
+            self.cache.put(_answer_key(model, body), content)
 
     async def infer(
         self,
@@ -153,14 +169,50 @@ class PredictService:
     async def _run_job(
         self, model: ModelVersion, features: np.ndarray, priority: int, job_id: str, key: CacheKey
     ) -> Outputs:
-        """Enqueue a predict task and wait for it: the work that identical requests share."""
+        """Enqueue a predict job (in a group with its turn's other misses) and wait for it: the
+        work that identical requests share."""
         try:
-            await self._predict_job(model, features, priority, wait=True, job_id=job_id)
-            value: Outputs = await self._wait(job_id, self.settings.predict_timeout_s)
+            self.queue.results.expect(job_id)
+            member = self.gatherer.add((model.name, model.version, priority), job_id, features)
+            try:
+                await member.enqueued
+                value: Outputs = await self._wait(job_id, self.settings.predict_timeout_s)
+            finally:
+                self.gatherer.answered(member)
         finally:
+            self.queue.results.forget(job_id)  # if never enqueued
             del self._in_flight[key]
         self.cache.put(key, value)
         return value
+
+    async def _send_group(self, key: GroupKey, members: list[Member]) -> None:
+        """One predict task for a group of sync requests; each keeps its own job record."""
+        name, version, priority = key
+        if len(members) == 1:
+            features, extra = members[0].features, {}
+        else:
+            features = np.concatenate([m.features for m in members])
+            extra = {"members": [(m.job_id, len(m.features)) for m in members]}
+        task = self.tasks.predict.s(
+            name, version, features, priority=priority, reply_to=self.queue.results.channel,
+            **extra,
+        )  # fmt: skip
+        task.id = members[0].job_id
+        records = {
+            m.job_id: new_record(
+                job_id=m.job_id,
+                kind=JobKind.PREDICT,
+                model=name,
+                priority=priority,
+                version=version,
+                instances=len(m.features),
+                protocol="v1",
+            )  # fmt: skip
+            for m in members
+        }
+        await self.queue.enqueue(task, records)
+        self.enqueued += 1
+        metrics.JOBS.labels(JobKind.PREDICT.value, "submitted").inc(len(members))
 
     async def submit(
         self,
@@ -192,13 +244,11 @@ class PredictService:
         priority: int,
         *,
         protocol: str = "v1",
-        wait: bool = False,
-        job_id: str | None = None,
     ) -> str:
         args = (model.name, model.version, features)
         return await self._enqueue(
-            self.tasks.predict, args, JobKind.PREDICT, model.name, priority, wait=wait,
-            job_id=job_id, version=model.version, instances=len(features), protocol=protocol,
+            self.tasks.predict, args, JobKind.PREDICT, model.name, priority,
+            version=model.version, instances=len(features), protocol=protocol,
         )  # fmt: skip
 
     async def _enqueue(
@@ -210,17 +260,16 @@ class PredictService:
         priority: int,
         *,
         wait: bool = False,
-        job_id: str | None = None,
         **extra: str | int | float,
     ) -> str:
         """Enqueue a task with its job record; with `wait`, the caller must `_wait` for it."""
-        job_id = job_id or str(uuid.uuid4())
+        job_id = str(uuid.uuid4())
         reply = {"reply_to": self.queue.reply_to(job_id)} if wait else {}
         task = wrapper.s(*args, priority=priority, **reply)
         task.id = job_id
         record = new_record(job_id=job_id, kind=kind, model=model, priority=priority, **extra)
         try:
-            await self.queue.enqueue(task, record)
+            await self.queue.enqueue(task, {job_id: record})
         except BaseException:
             self.queue.results.forget(job_id)
             raise
@@ -384,6 +433,12 @@ class PredictService:
             "enqueued": self.enqueued,
             "sync_waiting": self.queue.results.waiting,
         }
+
+
+def _answer_key(model: ModelVersion, body: bytes) -> CacheKey:
+    # Beside the parsed inputs' keys in the same LRU; the version keeps answers of an old one
+    # from ever being served.
+    return ("v1 body", model.name, model.version, body)
 
 
 def _retrieve(answer: asyncio.Future[Outputs]) -> None:

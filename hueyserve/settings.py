@@ -59,7 +59,17 @@ class Settings(BaseSettings):
 
     # --- Batching (per worker process) ---------------------------------------------------
     batch_max_rows: int = Field(
-        1024, ge=1, description="Most rows in one batched predict call; 1 turns batching off."
+        1024,
+        ge=1,
+        description="Most rows in one batched predict call (worker), and in one group of sync "
+        "requests (API); 1 turns batching off.",
+    )
+    group_max_in_flight: int = Field(
+        2,
+        ge=0,
+        description="API process: sync requests of one model version and priority travel as "
+        "one task per event-loop turn; while this many such tasks await answers, new ones "
+        "gather until one is answered (0: no limit).",
     )
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="How long a batch may wait for more tasks (0: take what waits)."

@@ -7,9 +7,13 @@ speaks pydantic; ours names the field and says what to send instead, echoing not
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from hueyserve.errors import BadRequest, InvalidInput, ServiceError, UnsupportedMediaType
+
+Body = TypeVar("Body", bound=BaseModel)
 
 MAX_LISTED = 5
 BODY_EXAMPLE = '{"instances": [[...], ...]}'
@@ -26,11 +30,7 @@ def validation_failure(problems: Sequence[Any], content_type: str | None) -> Ser
             detail = problem.get("ctx", {}).get("error", "invalid JSON")
             return BadRequest(f"malformed JSON body: {detail}")
     if any(tuple(p.get("loc", ())) == ("body",) for p in problems):
-        media = (content_type or "").split(";")[0].strip().lower()
-        if media and not (media == "application/json" or media.endswith("+json")):
-            return UnsupportedMediaType(
-                f"the body must be JSON sent with 'Content-Type: application/json', not {media!r}"
-            )
+        check_json_media(content_type)
         return InvalidInput(f"the body must be a JSON object such as {BODY_EXAMPLE}")
     messages = [
         f"{location(p['loc']) or 'body'}: {p['msg']}{HINTS.get(p.get('type'), '')}"
@@ -38,6 +38,29 @@ def validation_failure(problems: Sequence[Any], content_type: str | None) -> Ser
     ]
     more = len(problems) - MAX_LISTED
     return InvalidInput("; ".join(messages) + (f" (and {more} more)" if more > 0 else ""))
+
+
+def check_json_media(content_type: str | None) -> None:
+    """A 415 unless the body is declared as JSON (or not declared at all)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media and not (media == "application/json" or media.endswith("+json")):
+        raise UnsupportedMediaType(
+            f"the body must be JSON sent with 'Content-Type: application/json', not {media!r}"
+        )
+
+
+def parse_json_body(schema: type[Body], raw: bytes, content_type: str | None) -> Body:
+    """A JSON body as `schema`, parsed by pydantic-core straight from the bytes (faster than
+    json.loads and then validation), or the same 4xx as for a body FastAPI parsed."""
+    check_json_media(content_type)
+    if not raw.strip():
+        raise InvalidInput(f"the body must be a JSON object such as {BODY_EXAMPLE}")
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_input=False)
+        located = [{**p, "loc": ("body", *p["loc"])} for p in problems]
+        raise validation_failure(located, content_type) from None
 
 
 def location(loc: Sequence[int | str]) -> str:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx2 as httpx
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 import core
+from hueyserve import catalog
 from hueyserve.batching import Batcher, Batchers, BatchPolicy
+from hueyserve.gathering import Gatherer, GroupKey, Member
 from hueyserve.registry import LoadedModel
 from tests.conftest import wait_for
 
@@ -128,11 +133,14 @@ def test_concurrent_http_requests_are_batched_in_the_worker(
     model = RecordingModel()
     with TestClient(core_app()) as client, ThreadPoolExecutor(8) as pool:
         serve_model("rec", model, n_features=1, client=client)
+        # Every request its own task at once, so the worker has tasks to batch; the API's
+        # grouping of requests has tests of its own below.
+        client.app.state.service.gatherer.max_in_flight = 0  # type: ignore[attr-defined]
         post = lambda v: client.post("/v1/models/rec:predict", json={"instances": [[v]]})  # noqa: E731
         first = pool.submit(post, 0.0)
         assert model.started.wait(10)
         rest = [pool.submit(post, float(i)) for i in range(1, 8)]
-        wait_for(lambda: core.batchers.get("rec", "1").waiting == 7, "7 tasks")
+        wait_for(lambda: core.batchers.get("rec", "1").rows_waiting == 7, "7 rows")
         model.release.set()
         responses = [first.result(), *(future.result() for future in rest)]
     assert [r.json()["predictions"] for r in responses] == [[2.0 * i] for i in range(8)]
@@ -143,3 +151,116 @@ def core_app() -> Any:
     import main
 
     return main.app
+
+
+# --- the API side: sync misses that arrive together travel as one task ----------------------
+
+
+def test_requests_of_one_turn_form_one_group_per_key() -> None:
+    sent: list[tuple[GroupKey, list[str]]] = []
+
+    async def send(key: GroupKey, members: list[Member]) -> None:
+        sent.append((key, [m.job_id for m in members]))
+
+    async def scenario() -> None:
+        gatherer = Gatherer(send, max_rows=4, max_in_flight=0)
+        rows = np.zeros((1, 1))
+        same_turn = [gatherer.add(("m", "1", 10), f"a{i}", rows) for i in range(3)]
+        same_turn.append(gatherer.add(("m", "1", 90), "urgent", rows))  # another priority
+        same_turn.append(gatherer.add(("m", "2", 10), "v2", rows))  # another version
+        same_turn += [gatherer.add(("m", "1", 10), f"b{i}", rows) for i in range(3)]  # > 4 rows
+        await asyncio.gather(*(member.enqueued for member in same_turn))
+        await gatherer.add(("m", "1", 10), "later", rows).enqueued  # alone: sent by itself
+
+    asyncio.run(scenario())
+    assert sent == [
+        (("m", "1", 10), ["a0", "a1", "a2", "b0"]),  # full: sent at once
+        (("m", "1", 90), ["urgent"]),
+        (("m", "2", 10), ["v2"]),
+        (("m", "1", 10), ["b1", "b2"]),
+        (("m", "1", 10), ["later"]),
+    ]
+
+
+def test_a_failed_enqueue_fails_every_request_of_the_group() -> None:
+    async def send(key: GroupKey, members: list[Member]) -> None:
+        raise ConnectionError("Redis is down")
+
+    async def scenario() -> list[Any]:
+        gatherer = Gatherer(send, max_rows=16, max_in_flight=0)
+        members = [gatherer.add(("m", "1", 10), str(i), np.zeros((1, 1))) for i in range(3)]
+        return await asyncio.gather(*(m.enqueued for m in members), return_exceptions=True)
+
+    assert [type(e) for e in asyncio.run(scenario())] == [ConnectionError] * 3
+
+
+def test_while_groups_await_answers_new_requests_gather() -> None:
+    sent: list[list[str]] = []
+
+    async def send(key: GroupKey, members: list[Member]) -> None:
+        sent.append([m.job_id for m in members])
+
+    async def scenario() -> None:
+        gatherer = Gatherer(send, max_rows=3, max_in_flight=1)
+        rows = np.zeros((1, 1))
+        first = gatherer.add(("m", "1", 10), "first", rows)
+        await first.enqueued
+        later = []
+        for i in range(4):  # one per turn: without the limit, each would be a task
+            later.append(gatherer.add(("m", "1", 10), f"later{i}", rows))
+            await asyncio.sleep(0)
+        assert sent == [["first"], ["later0", "later1", "later2"]]  # full: sent anyway
+        gatherer.answered(first)  # frees the key: what gathered meanwhile goes now
+        await later[3].enqueued
+
+    asyncio.run(scenario())
+    assert sent[-1] == ["later3"]
+
+
+def test_a_group_is_one_task_and_each_request_keeps_its_own_job(
+    consumer_factory: Any, redis_conn: redis.Redis
+) -> None:
+    """Concurrent requests through the real app: one task, one model call, and each request
+    its own answer and job record; a bad row fails only its own request."""
+    consumer_factory(workers=2)
+    model = RecordingModel()
+    model.release.set()
+    metadata = {"n_features": 1, "features": ["x0"]}
+    core.registry.register(LoadedModel("group", "1", model, metadata))
+    catalog.publish(redis_conn, catalog.ModelEntry("group", "1", {"1": metadata}))
+    import main
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], int]:
+        async with main.lifespan(main.app):
+            service = main.app.state.service
+            while "group" not in service.catalog.models:
+                await asyncio.sleep(0.02)
+            transport = httpx.ASGITransport(app=main.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+                enqueued = service.enqueued
+                values = [1.0, 2.0, 3.0, -1.0, 4.0]
+                answers = await asyncio.gather(
+                    *(
+                        http.post("/v1/models/group:predict", json={"instances": [[v]]})
+                        for v in values
+                    )
+                )
+                tasks = service.enqueued - enqueued
+                jobs = [await http.get(f"/v1/jobs/{r.headers['X-Job-Id']}") for r in answers]
+        return answers, jobs, tasks
+
+    try:
+        answers, jobs, tasks = asyncio.run(scenario())
+    finally:
+        core.registry.unregister("group")
+    assert tasks == 1
+    assert model.batches[0] == 5  # the group's rows in one call (it failed: -1)
+    assert [r.status_code for r in answers] == [200, 200, 200, 500, 200]
+    ok = [0, 1, 2, 4]
+    assert [answers[i].json()["predictions"] for i in ok] == [[2.0], [4.0], [6.0], [8.0]]
+    assert "negative input" in answers[3].json()["error"]
+    assert len({r.headers["X-Job-Id"] for r in answers}) == 5
+    assert [jobs[i].json()["result"] for i in ok] == [{"predictions": [v]} for v in (2, 4, 6, 8)]
+    assert all(jobs[i].json()["instances"] == 1 for i in ok)
+    assert jobs[3].json()["status"] == "failed"
+    assert "negative input" in jobs[3].json()["error"]

@@ -8,6 +8,7 @@ import csv
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx2 as httpx
 import numpy as np
@@ -38,9 +39,15 @@ def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
 
 
+class Stack(NamedTuple):
+    base: str  #: the API's URL
+    logs: Path  #: the worker log folder
+    consumer: subprocess.Popen[bytes]
+
+
 @pytest.fixture
-def stack(redis_conn: redis.Redis, demo_models: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real consumer and a real uvicorn; yields the base URL and the worker log folder."""
+def stack(redis_conn: redis.Redis, demo_models: Path, tmp_path: Path) -> Iterator[Stack]:
+    """A real consumer and a real uvicorn."""
     import shutil
 
     shutil.copytree(demo_models, tmp_path / "models")
@@ -61,7 +68,7 @@ def stack(redis_conn: redis.Redis, demo_models: Path, tmp_path: Path) -> Iterato
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ready(base), "the stack to be ready", timeout_s=60)
-        yield base, tmp_path / "logs"
+        yield Stack(base, tmp_path / "logs", consumer)
     finally:
         assert stop(api) == 0
         assert stop(consumer) == 0
@@ -74,8 +81,8 @@ def _ready(base: str) -> bool:
         return False
 
 
-def test_stack_serves_sync_and_async(stack: tuple[str, Path]) -> None:
-    base, log_dir = stack
+def test_stack_serves_sync_and_async(stack: Stack) -> None:
+    base, log_dir = stack.base, stack.logs
     with httpx.Client(base_url=base, timeout=20) as http:
         sync = http.post("/v1/models/diabetes:predict", json={"instances": EXAMPLE_ROWS})
         assert sync.status_code == 200 and len(sync.json()["predictions"]) == 2
@@ -98,8 +105,8 @@ def test_stack_serves_sync_and_async(stack: tuple[str, Path]) -> None:
     assert f"GET {location} HTTP/1.1" in (ROOT / "logs" / "access.log").read_text()
 
 
-def test_locust_scenarios_run_without_failures(stack: tuple[str, Path], tmp_path: Path) -> None:
-    base, _ = stack
+def test_locust_scenarios_run_without_failures(stack: Stack, tmp_path: Path) -> None:
+    base = stack.base
     prefix = tmp_path / "load"
     result = subprocess.run(
         [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "--users", "6",
@@ -117,15 +124,13 @@ def test_locust_scenarios_run_without_failures(stack: tuple[str, Path], tmp_path
 FLOWERS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 
 
-def test_standard_v2_client_gets_correct_predictions(
-    stack: tuple[str, Path], tmp_path: Path
-) -> None:
+def test_standard_v2_client_gets_correct_predictions(stack: Stack, tmp_path: Path) -> None:
     """tritonclient, the most used v2 client, unchanged (binary tensors by default), on both
     models, by active version (2, promoted by the periodic refresh) and by explicit version."""
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
-    base, _ = stack
+    base = stack.base
     store = ModelStore(tmp_path / "models")
     for name, plan in training.DEMOS.items():  # a second version, dropped in by hand
         store.save(name, *training.train(replace(plan, random_state=7), Path()))
@@ -178,11 +183,11 @@ def test_standard_v2_client_gets_correct_predictions(
         client.close()
 
 
-def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_path: Path) -> None:
+def test_hot_reload_under_load_fails_no_request(stack: Stack, tmp_path: Path) -> None:
     """Switch versions back and forth with reload, then let the periodic refresh promote a new
     version, while 8 clients predict: every request succeeds with the answer of the version
     it names, and none that starts after a switch gets the old one (cache included)."""
-    base, _ = stack
+    base = stack.base
     with httpx.Client(base_url=base, timeout=30) as http:
         accepted = http.post("/v1/models/diabetes/train", json={"params": {"n_estimators": 20}})
         job = wait_for(
@@ -251,10 +256,10 @@ def test_hot_reload_under_load_fails_no_request(stack: tuple[str, Path], tmp_pat
     assert after_refresh and all(c[3] == "3" for c in after_refresh)
 
 
-def test_a_thousand_sync_requests_wait_at_once(stack: tuple[str, Path]) -> None:
+def test_a_thousand_sync_requests_wait_at_once(stack: Stack) -> None:
     """One API process keeps 1,000 blocking predicts waiting (futures, not threads or
-    connections) and completes them all."""
-    base, _ = stack
+    connections) and completes them all. The consumer is paused until all 1,000 wait."""
+    base = stack.base
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
     rows = np.random.default_rng(1).normal(scale=0.05, size=(1000, 10)).tolist()
@@ -269,16 +274,21 @@ def test_a_thousand_sync_requests_wait_at_once(stack: tuple[str, Path]) -> None:
                 body = {"instances": [row]}
                 return (await client.post("/v1/models/diabetes:predict", json=body)).status_code
 
-            calls = asyncio.gather(*(one(row) for row in rows))
-            # A connection of its own each time: no race with uvicorn's keep-alive timeout.
-            fresh = httpx.Limits(max_keepalive_connections=0)
-            async with httpx.AsyncClient(base_url=base, timeout=60, limits=fresh) as monitor:
-                while not calls.done():
-                    await asyncio.sleep(0.2)
-                    health = await monitor.get("/health")
-                    peak = max(peak, health.json()["sync_waiting"])
+            stack.consumer.send_signal(signal.SIGSTOP)
+            try:
+                calls = asyncio.gather(*(one(row) for row in rows))
+                # A connection of its own each time: no race with uvicorn's keep-alive timeout.
+                fresh = httpx.Limits(max_keepalive_connections=0)
+                async with httpx.AsyncClient(base_url=base, timeout=60, limits=fresh) as monitor:
+                    deadline = time.monotonic() + 30
+                    while peak < 1000 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.2)
+                        health = await monitor.get("/health")
+                        peak = max(peak, health.json()["sync_waiting"])
+            finally:
+                stack.consumer.send_signal(signal.SIGCONT)
             return await calls
 
     statuses = asyncio.run(run())
     assert statuses.count(200) == 1000, {s: statuses.count(s) for s in set(statuses)}
-    assert peak >= 500, peak  # they really were waiting at the same time
+    assert peak == 1000, peak  # they really were waiting at the same time
