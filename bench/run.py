@@ -5,7 +5,7 @@ references of bench/inline_app.py, and drives each with wrk (a C load generator:
 event-loop thread uses a fraction of a core, so on a 2-core machine it leaves the servers the
 CPU that a Python client would take). Scenarios: concurrency 1, 8, 64, 256 with distinct
 single-row inputs (every request crosses the queue), repeated inputs (cache hits), batching
-off and on, and requests of 64 rows. Also measured: the model called in-process at its best
+off and on, and requests of 64 rows at concurrency 8 and 64. Also measured: the model called in-process at its best
 batch size (the ceiling). Prints a Markdown table and writes results.md, results.json and
 PNG plots into bench/results/.
 
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 LEVELS = (1, 8, 64, 256)
+ROWS_LEVELS = (8, 64)  #: concurrency of the 64-row scenario
 
 
 @dataclass
@@ -197,9 +198,10 @@ def run(seconds: float) -> list[Result]:
         with inline(env, workers=2) as url:
             for level in LEVELS:
                 record("inline (uvicorn --workers 2)", "distinct", f"{url}/predict", level)
-            record("inline (uvicorn --workers 2)", "64 rows", f"{url}/predict", 8, rows=64)
+            for level in ROWS_LEVELS:
+                record("inline (uvicorn --workers 2)", "64 rows", f"{url}/predict", level, rows=64)
         with inline(env, workers=1) as url:
-            for level in (1, 64):
+            for level in (1, 64, 256):
                 record("constant (1 process)", "repeated", f"{url}/constant", level, repeat=True)
         for batching in (True, False):
             name = "hueyserve" if batching else "hueyserve (batching off)"
@@ -210,7 +212,8 @@ def run(seconds: float) -> list[Result]:
                 if batching:
                     for level in LEVELS:
                         record(name, "repeated", predict, level, repeat=True)
-                    record(name, "64 rows", predict, 8, rows=64)
+                    for level in ROWS_LEVELS:
+                        record(name, "64 rows", predict, level, rows=64)
     finally:
         redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -247,7 +250,8 @@ def targets(results: list[Result]) -> str:
     inline1, ours1 = find("inline", "distinct", 1), find("hueyserve", "distinct", 1)
     inline64, ours64 = find("inline", "distinct", 64), find("hueyserve", "distinct", 64)
     ceiling_ = next(r for r in results if r.target == "in-process")
-    rows64 = find("hueyserve", "64 rows", 8)
+    rows64 = {level: find("hueyserve", "64 rows", level) for level in ROWS_LEVELS}
+    best_rows = max(r.rows_per_s for r in rows64.values())
     constant, hits = find("constant", "repeated", 64), find("hueyserve", "repeated", 64)
     errors = sum(r.errors for r in results)
     checks = [
@@ -259,8 +263,8 @@ def targets(results: list[Result]) -> str:
         ("c=64 distinct: p99 ≤ inline's", f"{ours64.p99_ms:.1f} vs {inline64.p99_ms:.1f} ms",
          (ours64.p99_ms or 0) <= (inline64.p99_ms or 0)),
         ("64-row requests: rows/s ≥ 60% of the in-process ceiling",
-         f"{rows64.rows_per_s / ceiling_.rows_per_s:.0%}",
-         rows64.rows_per_s >= 0.6 * ceiling_.rows_per_s),
+         ", ".join(f"c={c}: {r.rows_per_s / ceiling_.rows_per_s:.0%}" for c, r in rows64.items()),
+         best_rows >= 0.6 * ceiling_.rows_per_s),
         ("cache hits: ≥ 80% of a constant endpoint",
          f"{hits.requests_per_s / constant.requests_per_s:.0%}",
          hits.requests_per_s >= 0.8 * constant.requests_per_s),
