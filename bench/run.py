@@ -5,9 +5,9 @@ references of bench/inline_app.py, and drives each with wrk (a C load generator:
 event-loop thread uses a fraction of a core, so on a 2-core machine it leaves the servers the
 CPU that a Python client would take). Scenarios: concurrency 1, 8, 64, 256 with distinct
 single-row inputs (every request crosses the queue), repeated inputs (cache hits), batching
-off and on, and requests of 64 rows at concurrency 8 and 64. Also measured: the model called in-process at its best
-batch size (the ceiling). Prints a Markdown table and writes results.md, results.json and
-PNG plots into bench/results/.
+off and on, and requests of 64 rows at concurrency 8 and 64. Also measured: the model called
+in-process at its best batch size (the ceiling). Prints a Markdown table and writes
+results.md, results.json and PNG plots into bench/results/.
 
 make bench                                  # or: .venv/bin/python -m bench.run --seconds 10
 """
