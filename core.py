@@ -18,7 +18,8 @@ from typing import Any, cast
 import numpy as np
 from huey import PriorityRedisExpireHuey, crontab, signals
 from huey.api import Task
-from huey.exceptions import RetryTask
+from huey.exceptions import CancelExecution, RetryTask
+from huey.serializer import SignedSerializer
 from huey.utils import Error
 from redis import ConnectionPool
 from redis.exceptions import LockError
@@ -45,6 +46,9 @@ huey = PriorityRedisExpireHuey(
     notify_result=False,
     # A failed attempt that will be retried must not wake the waiter with an error.
     store_intermediate_errors=False,
+    # With a secret, every message is signed; a forged or tampered one fails to deserialize
+    # and the consumer logs and drops it ("Error reading from queue"), never running it.
+    serializer=SignedSerializer(settings.secret.get_secret_value()) if settings.secret else None,
     # The consumer blocks on BZPOPMIN for 1 s, so the read timeout must be longer than that.
     connection_pool=ConnectionPool.from_url(
         settings.redis_url,
@@ -312,6 +316,15 @@ def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
 
 
 @huey.pre_execute()
+def _start_jobs(task: Task) -> None:
+    """Mark the task's jobs running, atomically with DELETE /v1/jobs/{id}: a job cancelled
+    after Huey's own revoke check is still not run. (First hook: nothing to undo.)"""
+    if _tracked(task) and not jobs.start(*_job_ids(task)):
+        logger.info("job %s was cancelled; not running it", task.id)
+        raise CancelExecution()
+
+
+@huey.pre_execute()
 def _task_started(task: Task) -> None:
     stopwatch.start(task.id)
     metrics.TASKS_RUNNING.labels(task.name).inc()
@@ -347,10 +360,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-@huey.signal(signals.SIGNAL_EXECUTING)
-def _on_executing(signal: str, task: Task) -> None:
+@huey.signal(signals.SIGNAL_EXPIRED)
+def _on_expired(signal: str, task: Task) -> None:
     if _tracked(task):
-        jobs.running(*_job_ids(task))
+        for job_id in _job_ids(task):
+            jobs.expired(job_id)
+        metrics.JOBS.labels(task.name, "expired").inc(len(_job_ids(task)))
 
 
 @huey.signal(signals.SIGNAL_ERROR, signals.SIGNAL_TIMEOUT)

@@ -27,6 +27,7 @@ from hueyserve import metrics, v2_protocol
 from hueyserve.cache import PredictionCache
 from hueyserve.catalog import ModelCatalog, ModelVersion
 from hueyserve.errors import ServiceError
+from hueyserve.guard import RequestGuard
 from hueyserve.hot_path import CachedAnswers
 from hueyserve.queue import TaskQueue
 from hueyserve.schemas import (
@@ -71,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_waiters=settings.max_sync_waiters,
         max_connections=settings.redis_max_connections,
         pool_timeout_s=settings.redis_pool_timeout_s,
+        max_depth=settings.max_queue_depth,
     )
     catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
     app.state.service = PredictService(
@@ -101,7 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)
 }
 
 app = FastAPI(
@@ -128,7 +130,14 @@ def openapi_with_v2_bodies() -> dict[str, Any]:
 
 default_openapi = app.openapi
 app.openapi = openapi_with_v2_bodies  # type: ignore[method-assign]
-app.add_middleware(CachedAnswers)  # inside the timer, so cache hits are timed too
+# Outermost last: the timer sees every answer; the guard refuses before the cache reads a body.
+app.add_middleware(CachedAnswers)
+app.add_middleware(
+    RequestGuard,
+    predict_keys=settings.keys("api"),
+    admin_keys=settings.keys("admin"),
+    max_body_bytes=settings.max_body_bytes,
+)
 app.add_middleware(metrics.RequestTimer)
 
 
@@ -234,7 +243,10 @@ async def predict_v1(
     body = parse_json_body(PredictRequest, raw, request.headers.get("content-type"))
     features = service.rows(model, body.instances)
     if wants_async(prefer):
-        return accepted_response(await service.submit(model, features, priority=body.priority))
+        accepted = await service.submit(
+            model, features, priority=body.priority, deadline_s=body.timeout
+        )
+        return accepted_response(accepted)
     answer = await service.infer(model, features, priority=body.priority, timeout_s=body.timeout)
     # Rendered with orjson straight away: the response model documents the body, and
     # validating our own output once more per request would only cost time.
@@ -358,7 +370,9 @@ async def infer_v2(
     selected = v2_protocol.select_outputs(infer_request, model)
     plan = v2_protocol.schedule(infer_request.parameters)
     if wants_async(prefer):
-        accepted = await service.submit(model, features, priority=plan.priority, protocol="v2")
+        accepted = await service.submit(
+            model, features, priority=plan.priority, deadline_s=plan.timeout_s, protocol="v2"
+        )
         return accepted_response(accepted)
     answer = await service.infer(model, features, priority=plan.priority, timeout_s=plan.timeout_s)
     answer_v2 = v2_protocol.v2_response(
@@ -379,12 +393,24 @@ async def infer_v2(
 async def submit_job(body: JobSubmit, service: Service) -> JSONResponse:
     model = service.catalog.get(body.model, body.version)
     features = service.rows(model, body.instances)
-    return accepted_response(await service.submit(model, features, priority=body.priority))
+    accepted = await service.submit(
+        model, features, priority=body.priority, deadline_s=body.timeout
+    )
+    return accepted_response(accepted)
 
 
 @app.get("/v1/jobs/{job_id}", response_model=JobPublic, summary="Status and result of a job")
 async def get_job(job_id: str, service: Service) -> JobPublic:
     return await service.job(job_id)
+
+
+@app.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobPublic,
+    summary="Cancel a queued job (409 once it runs or has ended)",
+)
+async def cancel_job(job_id: str, service: Service) -> JobPublic:
+    return await service.cancel(job_id)
 
 
 # --- model life cycle -------------------------------------------------------------------------

@@ -91,6 +91,25 @@ class ServiceUnavailable(ServiceError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class QueueFull(ServiceError):
+    """Backpressure: as many tasks as HUEYSERVE_MAX_QUEUE_DEPTH would run before this one.
+    429 for a job submission; a sync request turns it into a 503 (`overloaded`)."""
+
+    status_code = 429
+
+    def __init__(self, limit: int, priority: int) -> None:
+        super().__init__(
+            f"the queue is full: {limit} tasks at priority {priority} or above are waiting "
+            "(HUEYSERVE_MAX_QUEUE_DEPTH); retry later"
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+    def overloaded(self) -> ServiceUnavailable:
+        return ServiceUnavailable(self.message)
+
+
 class RedisUnavailable(ServiceUnavailable):
     def __init__(self, cause: Exception) -> None:
         super().__init__(f"the queue (Redis) is unreachable, try again shortly: {cause}")

@@ -32,6 +32,11 @@ class JobStatus(StrEnum):
     RUNNING = "running"  #: a worker is computing it
     DONE = "done"  #: finished; the result is there to read
     FAILED = "failed"  #: gave up after its retries; `error` says why
+    CANCELLED = "cancelled"  #: revoked while queued (DELETE /v1/jobs/{id}); never ran
+    EXPIRED = "expired"  #: its deadline passed while it was queued; never ran
+
+
+ENDED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED)
 
 
 #: A record as redis-py takes it (its key type is a union, so spell it loosely).
@@ -58,6 +63,31 @@ def new_record(
     }
 
 
+#: KEYS: job records; ARGV: now, ttl. Running, unless one of them was cancelled (then 0).
+START_SCRIPT = """
+for _, key in ipairs(KEYS) do
+    if redis.call('HGET', key, 'status') == 'cancelled' then return 0 end
+end
+for _, key in ipairs(KEYS) do
+    redis.call('HSET', key, 'status', 'running', 'started_at', ARGV[1])
+    redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('EXPIRE', key, ARGV[2])
+end
+return 1
+"""
+
+#: KEYS: the job record, Huey's revoke key for the task. ARGV: now, revoke value, ttl.
+#: Cancels a queued job; answers the status it found (nil: no such job).
+CANCEL_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+    redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+end
+return status
+"""
+
+
 class JobRecorder:
     """Worker-side updates of job records (synchronous Redis, from the predict task and Huey
     signals)."""
@@ -65,14 +95,17 @@ class JobRecorder:
     def __init__(self, conn: redis.Redis, *, ttl_s: int) -> None:
         self.conn = conn
         self.ttl_s = ttl_s
+        self._start = conn.register_script(START_SCRIPT)
 
-    def running(self, *job_ids: str) -> None:
-        """Started (all the jobs of a group at once, in one round trip)."""
-        started: Fields = {"status": JobStatus.RUNNING.value, "started_at": time.time()}
-        with self.conn.pipeline(transaction=True) as pipe:
-            for job_id in job_ids:
-                self._update(job_id, started, 1, pipe=pipe)
-            pipe.execute()
+    def start(self, *job_ids: str) -> bool:
+        """Mark the jobs running (a group's all at once), unless one was cancelled: then
+        nothing changes and the answer is False. Atomic against `cancel`."""
+        keys = [job_key(job_id) for job_id in job_ids]
+        return bool(self._start(keys=keys, args=[time.time(), self.ttl_s]))
+
+    def expired(self, job_id: str) -> None:
+        reason = "not run: its deadline passed while it was queued"
+        self._update(job_id, {"status": JobStatus.EXPIRED.value, "error": reason})
 
     def done(self, job_id: str, pipe: redis.client.Pipeline | None = None, **fields: str) -> None:
         """Finished; `fields` adds what only the end tells (the version a training made).

@@ -70,7 +70,8 @@ CACHE_LOOKUPS = Counter(
 )
 JOBS = Counter(
     "hueyserve_jobs_total",
-    "Jobs by kind and what happened: submitted (API), done and failed (workers).",
+    "Jobs by kind and what happened: submitted and cancelled (API); done, failed and "
+    "expired (workers).",
     ["kind", "status"],
 )
 

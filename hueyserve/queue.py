@@ -23,8 +23,8 @@ from huey.constants import EmptyData
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from hueyserve.errors import RedisUnavailable
-from hueyserve.jobs import Fields, job_key
+from hueyserve.errors import QueueFull, RedisUnavailable
+from hueyserve.jobs import CANCEL_SCRIPT, Fields, job_key
 from hueyserve.results import STORED, ResultListener
 
 
@@ -44,6 +44,25 @@ def fail_fast_retry() -> Retry:
     return Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,))
 
 
+#: KEYS: the queue, then each job record. ARGV: the depth limit (0: none), the task's score
+#: (its negated priority), the task, the records' TTL, then per record its number of fields
+#: followed by fields and values. Refuses (0) when as many tasks as the limit would run before
+#: or with this one (same or higher priority); else writes the records and queues the task.
+ENQUEUE_SCRIPT = """
+local limit = tonumber(ARGV[1])
+if limit > 0 and redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[2]) >= limit then return 0 end
+local arg = 5
+for i = 2, #KEYS do
+    local n = tonumber(ARGV[arg])
+    redis.call('HSET', KEYS[i], unpack(ARGV, arg + 1, arg + 2 * n))
+    redis.call('EXPIRE', KEYS[i], ARGV[4])
+    arg = arg + 1 + 2 * n
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+
 class TaskQueue:
     """Enqueue Huey tasks with their job record, and wait for their results, without threads."""
 
@@ -58,10 +77,12 @@ class TaskQueue:
         max_waiters: int,
         max_connections: int,
         pool_timeout_s: float,
+        max_depth: int = 0,
     ) -> None:
         self.huey = huey
         self.storage = huey.storage
         self.record_ttl_s = record_ttl_s
+        self.max_depth = max_depth
         self.max_connections = max_connections
         # All requests share a few connections; when they are busy, a request waits for one
         # (a burst of a thousand requests keeps the event loop busy for a while) instead of
@@ -87,6 +108,8 @@ class TaskQueue:
             retry=Retry(NoBackoff(), retries=0),
         )
         self.results = ResultListener(self.subscriber, max_waiting=max_waiters)
+        self._enqueue = self.client.register_script(ENQUEUE_SCRIPT)
+        self._cancel = self.client.register_script(CANCEL_SCRIPT)
 
     async def warm(self) -> None:
         """Open the pool's connections now. Opened during a burst instead, they would race
@@ -104,18 +127,36 @@ class TaskQueue:
         return self.results.channel
 
     async def enqueue(self, task: Task, records: dict[str, Fields]) -> None:
-        """Put `task` on Huey's priority queue and write its job records (one, or one per
-        request of a group), atomically."""
+        """Put `task` on Huey's priority queue with its job records (one, or one per request
+        of a group), atomically; QueueFull when HUEYSERVE_MAX_QUEUE_DEPTH tasks would run
+        before or with it."""
+        if task.expires:
+            task.resolve_expires(self.huey.utc)  # as huey.enqueue does
         data = self.huey.serialize_task(task)
         # Same member layout as huey's RedisPriorityQueue: a microsecond prefix keeps FIFO order
         # within a priority; the score is the negated priority (ZPOPMIN takes the highest).
         member = struct.pack(">Q", time.time_ns() // 1000) + data
-        async with redis_errors(), self.client.pipeline(transaction=True) as pipe:
-            for job_id, record in records.items():
-                pipe.hset(job_key(job_id), mapping=record)
-                pipe.expire(job_key(job_id), self.record_ttl_s)
-            pipe.zadd(self.storage.queue_key, {member: -(task.priority or 0)})
-            await pipe.execute()
+        args: list[Any] = [self.max_depth, -(task.priority or 0), member, self.record_ttl_s]
+        for record in records.values():
+            args.append(len(record))
+            for field, value in record.items():
+                args += [field, value]
+        keys = [self.storage.queue_key, *(job_key(job_id) for job_id in records)]
+        async with redis_errors():
+            queued = await self._enqueue(keys=keys, args=args)
+        if not queued:
+            raise QueueFull(self.max_depth, task.priority or 0)
+
+    async def cancel(self, task_id: str) -> str | None:
+        """Revoke a queued task (Huey skips it when a worker takes it); the status the job
+        had (None: no such job). Only a `queued` job is cancelled."""
+        revoke_once = self.huey.serializer.serialize((None, True))
+        keys = [job_key(task_id), self.storage.result_key(f"r:{task_id}")]
+        async with redis_errors():
+            status = await self._cancel(
+                keys=keys, args=[time.time(), revoke_once, self.record_ttl_s]
+            )
+        return None if status is None else bytes(status).decode()
 
     async def wait(self, task_id: str, timeout_s: float) -> Any:
         """The result of a task announced with `reply_to` (a value, or huey's `Error`), or

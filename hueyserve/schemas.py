@@ -39,7 +39,10 @@ class PredictRequest(BaseModel):
     instances: Instances
     priority: Priority | None = None
     timeout: float | None = Field(
-        default=None, gt=0, description="Seconds to wait for the result (sync only)."
+        default=None,
+        gt=0,
+        description="Sync: seconds to wait for the result. With `Prefer: respond-async`: "
+        "seconds the job may wait in the queue before it expires.",
     )
 
 
@@ -74,6 +77,12 @@ class JobSubmit(BaseModel):
     version: str | None = Field(default=None, description="A version; the active one if unset.")
     instances: Instances
     priority: Priority | None = None
+    timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds the job may wait in the queue; past them it is not run and "
+        "reads `expired`.",
+    )
 
 
 class JobAccepted(BaseModel):

@@ -28,12 +28,13 @@ from hueyserve.errors import (
     PayloadTooLarge,
     PredictionFailed,
     PredictTimeout,
+    QueueFull,
     RedisUnavailable,
     ResultUnavailable,
     ServiceError,
 )
 from hueyserve.gathering import Gatherer, GroupKey, Member
-from hueyserve.jobs import JobKind, JobStatus, new_record
+from hueyserve.jobs import ENDED, JobKind, JobStatus, new_record
 from hueyserve.queue import TaskQueue, redis_errors
 from hueyserve.registry import Outputs
 from hueyserve.schemas import JobAccepted, JobPublic, TrainRequest, v1_predictions
@@ -41,7 +42,6 @@ from hueyserve.settings import Settings
 from hueyserve.v2_protocol import v2_response
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-ENDED = (JobStatus.DONE, JobStatus.FAILED)
 #: Model names: also directory names in the store, so nothing that could leave it.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_KEPT_BODY = 64 * 1024  #: larger v1 bodies are not kept as cache keys (hueyserve.hot_path)
@@ -198,6 +198,7 @@ class PredictService:
             **extra,
         )  # fmt: skip
         task.id = members[0].job_id
+        task.expires = self.settings.predict_timeout_s  # then nobody waits: not worth running
         records = {
             m.job_id: new_record(
                 job_id=m.job_id,
@@ -210,7 +211,10 @@ class PredictService:
             )  # fmt: skip
             for m in members
         }
-        await self.queue.enqueue(task, records)
+        try:
+            await self.queue.enqueue(task, records)
+        except QueueFull as exc:
+            raise exc.overloaded() from None  # a sync call gets a 503, a job submission a 429
         self.enqueued += 1
         metrics.JOBS.labels(JobKind.PREDICT.value, "submitted").inc(len(members))
 
@@ -220,12 +224,16 @@ class PredictService:
         features: np.ndarray,
         *,
         priority: int | None,
+        deadline_s: float | None = None,
         protocol: str = "v1",
     ) -> JobAccepted:
-        """Enqueue an async predict job and say where to find it."""
-        job_id = await self._predict_job(
-            model, features, _or(priority, self.settings.async_priority), protocol=protocol
-        )
+        """Enqueue an async predict job and say where to find it. Past `deadline_s` seconds
+        in the queue, it is not run and reads `expired`."""
+        job_id = await self._enqueue(
+            self.tasks.predict, (model.name, model.version, features), JobKind.PREDICT,
+            model.name, _or(priority, self.settings.async_priority), expires=deadline_s,
+            version=model.version, instances=len(features), protocol=protocol,
+        )  # fmt: skip
         return _accepted(job_id, model.name, model.version)
 
     def _timeout(self, requested_s: float | None) -> float:
@@ -237,20 +245,6 @@ class PredictService:
             )
         return requested_s or limit
 
-    async def _predict_job(
-        self,
-        model: ModelVersion,
-        features: np.ndarray,
-        priority: int,
-        *,
-        protocol: str = "v1",
-    ) -> str:
-        args = (model.name, model.version, features)
-        return await self._enqueue(
-            self.tasks.predict, args, JobKind.PREDICT, model.name, priority,
-            version=model.version, instances=len(features), protocol=protocol,
-        )  # fmt: skip
-
     async def _enqueue(
         self,
         wrapper: TaskWrapper,
@@ -260,13 +254,14 @@ class PredictService:
         priority: int,
         *,
         wait: bool = False,
+        expires: float | None = None,
         **extra: str | int | float,
     ) -> str:
         """Enqueue a task with its job record; with `wait`, the caller must `_wait` for it."""
         job_id = str(uuid.uuid4())
         reply = {"reply_to": self.queue.reply_to(job_id)} if wait else {}
         task = wrapper.s(*args, priority=priority, **reply)
-        task.id = job_id
+        task.id, task.expires = job_id, expires
         record = new_record(job_id=job_id, kind=kind, model=model, priority=priority, **extra)
         try:
             await self.queue.enqueue(task, {job_id: record})
@@ -325,6 +320,17 @@ class PredictService:
 
     # --- jobs -----------------------------------------------------------------------------
 
+    async def cancel(self, job_id: str) -> JobPublic:
+        """Revoke a queued job: it will never run. 409 once it runs or has ended."""
+        status = await self.queue.cancel(job_id)
+        if status is None:
+            raise JobNotFound(job_id)
+        if status != JobStatus.QUEUED.value:
+            raise Conflict(f"job {job_id} is {status}; only a queued job can be cancelled")
+        job = await self.job(job_id)
+        metrics.JOBS.labels(job.kind, JobStatus.CANCELLED.value).inc()
+        return job
+
     async def job(self, job_id: str) -> JobPublic:
         record, value = await self.queue.job(job_id)
         if not record and value is EmptyData:
@@ -337,7 +343,7 @@ class PredictService:
             status, error = JobStatus.FAILED, record.get("error") or str(value.metadata["error"])
         elif value is not EmptyData:
             status, result = JobStatus.DONE, self._job_result(record, value)
-        elif status is JobStatus.FAILED:
+        elif status in (JobStatus.FAILED, JobStatus.EXPIRED):
             error = record.get("error")
         elif status is JobStatus.DONE:
             status = JobStatus.RUNNING
@@ -354,7 +360,7 @@ class PredictService:
             started_at=_time(record.get("started_at")),
             finished_at=_time(record.get("finished_at")) if status in ENDED else None,
             result=result,
-            error=error if status is JobStatus.FAILED else None,
+            error=error if status in (JobStatus.FAILED, JobStatus.EXPIRED) else None,
         )
 
     def _job_result(self, record: dict[str, str], value: Any) -> dict[str, Any]:

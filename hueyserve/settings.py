@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     queue_name: str = Field("hueyserve", description="Huey queue name; separates deployments.")
     result_ttl_s: int = Field(3600, gt=0, description="How long results and job records live.")
     predict_timeout_s: float = Field(30.0, gt=0, description="Default and maximum sync wait.")
+    max_queue_depth: int = Field(
+        10_000,
+        ge=0,
+        description="Backpressure: past this many queued tasks that would run before or with "
+        "a new one, job submissions get 429 and sync calls 503 (0: no limit).",
+    )
     sync_priority: int = Field(10, description="Default priority of blocking predicts.")
     async_priority: int = Field(5, description="Default priority of async jobs.")
     train_priority: int = Field(0, description="Priority of training jobs (below everything).")
@@ -87,6 +93,22 @@ class Settings(BaseSettings):
         10_000, ge=1, description="API process: most sync calls waiting at once (503 past)."
     )
     max_instances: int = Field(1000, ge=1, description="Most rows per request (413 past).")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 past)."
+    )
+
+    # --- Security --------------------------------------------------------------------------
+    api_keys: str = Field(
+        "", description="Comma-separated keys that may predict and use jobs (empty: no keys)."
+    )
+    admin_keys: str = Field(
+        "", description="Comma-separated keys that may also train and reload models."
+    )
+    secret: SecretStr | None = Field(
+        None,
+        description="HMAC key signing every task message (Huey's SignedSerializer); the same "
+        "on the API and every worker. Unset: messages are not signed.",
+    )
     catalog_resync_s: float = Field(5.0, gt=0, description="API: full reread of active models.")
 
     # --- Training ------------------------------------------------------------------------
@@ -108,6 +130,11 @@ class Settings(BaseSettings):
 
     # --- Logs ------------------------------------------------------------------------------
     log_dir: Path = Field(Path("logs"), description="Rotating log files go here.")
+
+    def keys(self, scope: str) -> frozenset[str]:
+        """The configured keys of a scope ("api" or "admin")."""
+        raw = self.api_keys if scope == "api" else self.admin_keys
+        return frozenset(key.strip() for key in raw.split(",") if key.strip())
 
     @field_validator("redis_url")
     @classmethod

@@ -1,0 +1,145 @@
+"""Who gets in and how much they may send: API keys and the body size limit, checked before
+anything else reads the request (an ASGI middleware, outside the cache's hot path).
+
+Keys are optional. With none configured, every route is open. With `HUEYSERVE_API_KEYS` or
+`HUEYSERVE_ADMIN_KEYS` set, a request names its key in `Authorization: Bearer <key>` or
+`X-API-Key: <key>`:
+- health, metrics, the server metadata and the docs stay open (probes and scrapers hold no key);
+- training and reloads need an admin key;
+- everything else (models, predict, infer, jobs) needs a predict key or an admin key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hueyserve.errors import PayloadTooLarge
+
+OPEN = re.compile(r"/health|/v2|/v2/health/(live|ready)|/metrics|/docs.*|/redoc|/openapi\.json")
+ADMIN = re.compile(r"/v1/models/[^/]+/(train|reload)")
+
+
+class RequestGuard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        predict_keys: frozenset[str],
+        admin_keys: frozenset[str],
+        max_body_bytes: int,
+    ) -> None:
+        self.app = app
+        self.predict_keys = predict_keys | admin_keys  # an admin may predict too
+        self.admin_keys = admin_keys
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope["path"], headers)
+        if refusal is None:
+            started = False
+
+            async def watched_send(message: Message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await self.app(scope, self._counted(receive), watched_send)
+            except PayloadTooLarge as exc:  # a body sent without Content-Length, read by us
+                if started:
+                    raise
+                await _answer(send, exc.status_code, exc.message, [])
+            return
+        await _answer(send, *refusal)
+
+    def _counted(self, receive: Receive) -> Receive:
+        """`receive`, failing with a 413 once the body passes the limit (for bodies sent
+        without a Content-Length, which `_refusal` cannot check up front)."""
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(self._too_large(size))
+            return message
+
+        return counted
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"the body has {size} bytes or more; the limit is {self.max_body_bytes} "
+            "(HUEYSERVE_MAX_BODY_BYTES): send fewer instances per request"
+        )
+
+    def _refusal(
+        self, path: str, headers: dict[bytes, bytes]
+    ) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+        """(status, message, headers) to answer instead of the app, or None to go on."""
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return (
+                413,
+                (
+                    f"the body has {int(length)} bytes; the limit is {self.max_body_bytes} "
+                    "(HUEYSERVE_MAX_BODY_BYTES): send fewer instances per request"
+                ),
+                [],
+            )
+        if not self.predict_keys or OPEN.fullmatch(path):
+            return None
+        key = _key(headers)
+        challenge = [(b"www-authenticate", b'Bearer realm="hueyserve"')]
+        if key is None:
+            return 401, "an API key is required: send 'Authorization: Bearer <key>'", challenge
+        admin = ADMIN.fullmatch(path) is not None
+        if _known(key, self.admin_keys):
+            return None
+        if not _known(key, self.predict_keys):
+            return 401, "unknown API key", challenge
+        if admin:
+            return 403, "this key may predict but not train or reload: use an admin key", []
+        return None
+
+
+async def _answer(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    body = orjson.dumps({"error": message})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _key(headers: dict[bytes, bytes]) -> str | None:
+    authorization = headers.get(b"authorization", b"")
+    if authorization[:7].lower() == b"bearer ":
+        return authorization[7:].strip().decode("latin-1")
+    key = headers.get(b"x-api-key")
+    return None if key is None else key.strip().decode("latin-1")
+
+
+def _known(key: str, keys: frozenset[str]) -> bool:
+    """Constant time for each configured key, so timing does not tell how much matched."""
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(key.encode("latin-1"), candidate.encode("latin-1"))
+    return found

@@ -1,0 +1,123 @@
+"""Nothing accepted is lost, and nothing is run that nobody wants: cancellation, deadlines
+and backpressure, through the real app, queue and workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from hueyserve import jobs
+from tests.conftest import GateModel
+from tests.test_main import main_app, poll_job
+
+
+class Gated(NamedTuple):
+    client: TestClient
+    gate: GateModel
+    blocker: str  #: the job that keeps the only worker busy
+
+
+@pytest.fixture
+def gated(consumer_factory: Any, serve_model: Any) -> Iterator[Gated]:
+    """One worker, busy with a job on the `gate` model until the test releases it."""
+    consumer_factory(workers=1)
+    gate = GateModel()
+    with TestClient(main_app()) as client:
+        serve_model("gate", gate, n_features=1, client=client)
+        blocker = submit(client, 0.0)
+        assert gate.started.wait(10), "the only worker never started the blocking job"
+        try:
+            yield Gated(client, gate, blocker)
+        finally:
+            gate.release.set()
+            poll_job(client, blocker)
+
+
+def submit(client: TestClient, value: float, **fields: Any) -> str:
+    body = {"model": "gate", "instances": [[value]], **fields}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+def test_a_queued_job_can_be_cancelled_and_never_runs(
+    gated: Gated,
+) -> None:
+    client, gate, _ = gated
+    doomed, kept = submit(client, 1.0), submit(client, 2.0)
+    cancelled = client.delete(f"/v1/jobs/{doomed}")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["finished_at"]
+    again = client.delete(f"/v1/jobs/{doomed}")
+    assert again.status_code == 409 and "cancelled" in again.json()["error"]
+    gate.release.set()
+    poll_job(client, kept)
+    assert 1.0 not in gate.calls and 2.0 in gate.calls
+    assert client.get(f"/v1/jobs/{doomed}").json()["status"] == "cancelled"
+
+
+def test_running_ended_and_unknown_jobs_cannot_be_cancelled(
+    gated: Gated,
+) -> None:
+    client, gate, running = gated
+    assert client.get(f"/v1/jobs/{running}").json()["status"] == "running"
+    refused = client.delete(f"/v1/jobs/{running}")
+    assert refused.status_code == 409 and "running" in refused.json()["error"]
+    gate.release.set()
+    poll_job(client, running)
+    assert client.delete(f"/v1/jobs/{running}").status_code == 409
+    assert client.delete("/v1/jobs/no-such-job").status_code == 404
+
+
+def test_a_job_cancelled_after_the_revoke_check_still_does_not_run(
+    gated: Gated, redis_conn: redis.Redis
+) -> None:
+    """The race DELETE can lose to Huey's own revoke check: the record says cancelled but no
+    revoke key exists. The worker's atomic start still refuses to run it."""
+    client, gate, _ = gated
+    job_id = submit(client, 3.0)
+    redis_conn.hset(jobs.job_key(job_id), "status", "cancelled")
+    gate.release.set()
+    later = submit(client, 4.0)
+    poll_job(client, later)
+    assert 3.0 not in gate.calls
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_a_job_past_its_deadline_is_not_run_and_reads_expired(
+    gated: Gated,
+) -> None:
+    client, gate, _ = gated
+    expiring = submit(client, 5.0, timeout=0.2)
+    patient = submit(client, 6.0, timeout=60)
+    time.sleep(0.5)
+    gate.release.set()
+    poll_job(client, patient)
+    job = poll_job(client, expiring, status="expired")
+    assert "deadline" in job["error"] and job["result"] is None
+    assert 5.0 not in gate.calls and 6.0 in gate.calls
+
+
+def test_a_full_queue_refuses_with_retry_after(gated: Gated) -> None:
+    client = gated.client
+    service = client.app.state.service  # type: ignore[attr-defined]
+    service.queue.max_depth = 2
+    try:
+        submit(client, 7.0, priority=5)
+        submit(client, 8.0, priority=5)
+        refused = client.post("/v1/jobs", json={"model": "gate", "instances": [[9]], "priority": 5})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert "HUEYSERVE_MAX_QUEUE_DEPTH" in refused.json()["error"]
+        sync = client.post("/v1/models/gate:predict", json={"instances": [[10]], "priority": 1})
+        assert sync.status_code == 503 and sync.headers["Retry-After"] == "1"
+        # Only tasks that would run before or with it count: an urgent job still gets in.
+        submit(client, 11.0, priority=90)
+    finally:
+        service.queue.max_depth = 0

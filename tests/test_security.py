@@ -1,0 +1,123 @@
+"""Nobody gets in without a key (when keys are set), nobody sends more than the limit, and a
+forged queue message is never run."""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from huey.serializer import Serializer, SignedSerializer
+
+import core
+from hueyserve.guard import RequestGuard
+from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve.settings import settings
+from tests.conftest import GateModel
+from tests.test_main import main_app, poll_job
+
+PREDICT = "/v1/models/diabetes:predict"
+BODY = {"instances": EXAMPLE_ROWS}
+
+
+@pytest.fixture
+def keyed(consumer: Any) -> Iterator[TestClient]:
+    """The real app behind a guard with one predict key and one admin key."""
+    guarded = RequestGuard(
+        main_app(),
+        predict_keys=frozenset({"p-key"}),
+        admin_keys=frozenset({"a-key"}),
+        max_body_bytes=settings.max_body_bytes,
+    )
+    with TestClient(guarded) as client:
+        yield client
+
+
+def test_without_a_key_only_probes_metrics_and_docs_answer(keyed: TestClient) -> None:
+    for path in ("/health", "/v2/health/live", "/v2/health/ready", "/metrics", "/docs", "/v2"):
+        assert keyed.get(path).status_code in (200, 503), path
+    assert keyed.get("/openapi.json").status_code == 200
+    for method, path in [
+        ("POST", PREDICT),
+        ("GET", "/v1/models"),
+        ("GET", "/v2/models/diabetes"),
+        ("POST", "/v2/models/diabetes/infer"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs/some-id"),
+        ("DELETE", "/v1/jobs/some-id"),
+        ("POST", "/v1/models/diabetes/train"),
+    ]:
+        refused = keyed.request(method, path, json=BODY)
+        assert refused.status_code == 401, (method, path)
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "API key" in refused.json()["error"]
+
+
+def test_a_predict_key_predicts_but_does_not_administer(keyed: TestClient) -> None:
+    bearer = {"Authorization": "Bearer p-key"}
+    assert keyed.post(PREDICT, json=BODY, headers=bearer).status_code == 200
+    assert keyed.post(PREDICT, json=BODY, headers={"X-API-Key": "p-key"}).status_code == 200
+    reload = keyed.post("/v1/models/diabetes/reload", headers=bearer)
+    assert reload.status_code == 403 and "admin key" in reload.json()["error"]
+    train = keyed.post("/v1/models/diabetes/train", json={}, headers=bearer)
+    assert train.status_code == 403
+    wrong = keyed.post(PREDICT, json=BODY, headers={"Authorization": "Bearer p-kez"})
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unknown API key"
+
+
+def test_an_admin_key_does_both(keyed: TestClient) -> None:
+    admin = {"Authorization": "Bearer a-key"}
+    assert keyed.post(PREDICT, json=BODY, headers=admin).status_code == 200
+    assert keyed.post("/v1/models/diabetes/reload", headers=admin).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413_before_anything_reads_it(client: TestClient) -> None:
+    big = b"[" + b"0," * (settings.max_body_bytes // 2) + b"0]"
+    response = client.post(PREDICT, content=big, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert "HUEYSERVE_MAX_BODY_BYTES" in response.json()["error"]
+
+
+def test_a_forged_message_is_rejected_and_logged_never_run(
+    consumer_factory: Any,
+    serve_model: Any,
+    redis_conn: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With a secret, the API signs every task; an unsigned one put on the queue by someone
+    with Redis access is dropped by the consumer with an error in its log."""
+    monkeypatch.setattr(core.huey, "serializer", SignedSerializer("test-secret"))
+    consumer_factory(workers=1)
+    gate = GateModel()
+    gate.release.set()
+    with TestClient(main_app()) as client, caplog.at_level(logging.ERROR, "huey.consumer"):
+        serve_model("gate", gate, n_features=1, client=client)
+        forged = core.predict.s("gate", "1", np.array([[42.0]]))
+        unsigned = Serializer().serialize(core.huey._registry.create_message(forged))
+        member = struct.pack(">Q", time.time_ns() // 1000) + unsigned
+        redis_conn.zadd(core.huey.storage.queue_key, {member: -50})
+        accepted = client.post("/v1/jobs", json={"model": "gate", "instances": [[1]]})
+        assert accepted.status_code == 202
+        poll_job(client, accepted.json()["job_id"])  # signed by the API: runs
+    assert 1.0 in gate.calls and 42.0 not in gate.calls
+    assert any("Error reading from queue" in r.getMessage() for r in caplog.records)
+    assert redis_conn.zcard(core.huey.storage.queue_key) == 0  # dropped, not left to retry
+
+
+def test_a_streamed_body_over_the_limit_is_413_too(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is counted as it comes
+        yield b'{"instances": ['
+        for _ in range(settings.max_body_bytes // 1000):
+            yield b"[" + b"0," * 499 + b"0],"
+        yield b"[0]]}"
+
+    response = client.post(PREDICT, content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert "HUEYSERVE_MAX_BODY_BYTES" in response.json()["error"]
