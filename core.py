@@ -125,6 +125,9 @@ def predict(
             if reply_to is not None:
                 results.publish_result(pipe, reply_to, job_id, payload)
         pipe.execute()
+    metrics.JOBS.labels(task.name, "done").inc(len(parts) - len(errors))
+    if errors:
+        metrics.JOBS.labels(task.name, "failed").inc(len(errors))
     return None  # stored already; Huey stores no None (store_none is off)
 
 
@@ -336,8 +339,10 @@ def _task_ended(task: Task, value: Any, exc: BaseException | None) -> None:
     seconds = stopwatch.stop(task.id)
     if seconds is not None:
         metrics.TASK_SECONDS.labels(task.name, "ok" if exc is None else "error").observe(seconds)
-    if _tracked(task) and (exc is None or not task.retries):
-        metrics.JOBS.labels(task.name, "done" if exc is None else "failed").inc()
+    if not _tracked(task) or (exc is None and task.name == predict.name):
+        return  # predict counts its jobs itself (a group's may end differently)
+    if exc is None or not task.retries:
+        metrics.JOBS.labels(task.name, "done" if exc is None else "failed").inc(len(_job_ids(task)))
 
 
 # --- job records follow the tasks through Huey's signals ---------------------------------

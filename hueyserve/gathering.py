@@ -3,8 +3,9 @@
 Each miss joins the open group of its model version and priority. A group is sent, as one Huey
 task naming every request's job id and row count, at the end of the event-loop turn in which
 it opened, unless `max_in_flight` groups of its key are still waiting for their answers: then
-it keeps gathering until one of them is answered, or until it is full. Under load, groups
-therefore grow to fit the time the workers take; a lone request is sent at once.
+it keeps gathering until one of them is answered, until it is full, or for MAX_HOLD_S at most
+(a lost or slow task must not hold a model's requests back). Under load, groups therefore grow
+to fit the time the workers take; a lone request is sent at once.
 
 The worker answers each job on its own (record, result, wake-up), so a grouped request looks to
 its client exactly like one sent alone, while the queue, Redis and the worker pay once per
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 GroupKey = tuple[str, str, int]  #: model, version, priority: what one task may mix
+MAX_HOLD_S = 0.1  #: longest a group waits for groups in flight to be answered
 
 
 @dataclass(eq=False)
@@ -66,6 +68,8 @@ class Gatherer:
             group = self._open[key] = Group(key)
             if not self.max_in_flight or self._in_flight[key] < self.max_in_flight:
                 loop.call_soon(self._dispatch, group)  # after every request of this turn
+            else:
+                loop.call_later(MAX_HOLD_S, self._dispatch, group)
         member = Member(job_id, features, group, loop.create_future())
         group.members.append(member)
         group.rows += len(features)
@@ -74,7 +78,9 @@ class Gatherer:
     def answered(self, member: Member) -> None:
         """The member's wait is over; once a group's are all over, its key may send again."""
         group = member.group
-        if not group.sent:
+        if not group.sent:  # given up before it was sent (cancelled): leave the group
+            group.members.remove(member)
+            group.rows -= len(member.features)
             return
         group.unanswered -= 1
         if group.unanswered == 0:
@@ -86,24 +92,31 @@ class Gatherer:
     def _dispatch(self, group: Group) -> None:
         if group.sent:
             return
-        group.sent, group.unanswered = True, len(group.members)
         if self._open.get(group.key) is group:
-            del self._open[group.key]
+            del self._open[group.key]  # a later request opens a group of its own
+        if not group.members:
+            return  # all its requests gave up before it was sent
+        group.sent, group.unanswered = True, len(group.members)
         self._in_flight[group.key] += 1
         task = asyncio.ensure_future(self._deliver(group))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
     async def _deliver(self, group: Group) -> None:
+        outcome: BaseException | None = None
         try:
             await self._send(group.key, group.members)
-        except Exception as exc:
+        except BaseException as exc:  # CancelledError too: no member may wait forever
+            outcome = exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
             for member in group.members:
-                member.enqueued.set_exception(exc)
-        except asyncio.CancelledError:  # shutting down
-            for member in group.members:
-                member.enqueued.cancel()
-            raise
-        else:
-            for member in group.members:
-                member.enqueued.set_result(None)
+                if member.enqueued.done():
+                    continue  # its request was cancelled meanwhile
+                if outcome is None:
+                    member.enqueued.set_result(None)
+                elif isinstance(outcome, Exception):
+                    member.enqueued.set_exception(outcome)
+                else:
+                    member.enqueued.cancel()

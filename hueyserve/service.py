@@ -32,6 +32,7 @@ from hueyserve.errors import (
     RedisUnavailable,
     ResultUnavailable,
     ServiceError,
+    ServiceUnavailable,
 )
 from hueyserve.gathering import Gatherer, GroupKey, Member
 from hueyserve.jobs import ENDED, JobKind, JobStatus, new_record
@@ -163,6 +164,11 @@ class PredictService:
         try:
             value = await asyncio.wait_for(asyncio.shield(shared), wait_s)
         except TimeoutError:
+            record, _ = await self.queue.job(job_id)
+            if not record:  # still held in a group here: there is no job to point to yet
+                raise ServiceUnavailable(
+                    f"no worker took the request within {wait_s:g}s; retry shortly"
+                ) from None
             raise PredictTimeout(job_id, wait_s) from None
         return Prediction(value, model, source, job_id)
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 import core
 from hueyserve import catalog
 from hueyserve.batching import Batcher, Batchers, BatchPolicy
-from hueyserve.gathering import Gatherer, GroupKey, Member
+from hueyserve.gathering import MAX_HOLD_S, Gatherer, GroupKey, Member
 from hueyserve.registry import LoadedModel
 from tests.conftest import wait_for
 
@@ -217,6 +217,52 @@ def test_while_groups_await_answers_new_requests_gather() -> None:
     assert sent[-1] == ["later3"]
 
 
+def test_a_held_group_goes_after_at_most_the_hold_limit() -> None:
+    """A group in flight that never gets answered (a lost task) holds the next one back for
+    MAX_HOLD_S, not for the whole predict timeout."""
+    sent: list[list[str]] = []
+
+    async def send(key: GroupKey, members: list[Member]) -> None:
+        sent.append([m.job_id for m in members])
+
+    async def scenario() -> float:
+        gatherer = Gatherer(send, max_rows=64, max_in_flight=1)
+        rows = np.zeros((1, 1))
+        await gatherer.add(("m", "1", 10), "lost", rows).enqueued  # never answered
+        started = time.monotonic()
+        await gatherer.add(("m", "1", 10), "held", rows).enqueued
+        return time.monotonic() - started
+
+    held_s = asyncio.run(scenario())
+    assert sent == [["lost"], ["held"]]
+    assert MAX_HOLD_S * 0.9 <= held_s < MAX_HOLD_S + 0.5
+
+
+def test_a_request_that_gives_up_leaves_its_group_and_nothing_waits_forever() -> None:
+    sent: list[list[str]] = []
+
+    async def send(key: GroupKey, members: list[Member]) -> None:
+        await asyncio.sleep(0)  # the enqueue takes a turn or more
+        sent.append([m.job_id for m in members])
+
+    async def scenario() -> None:
+        gatherer = Gatherer(send, max_rows=64, max_in_flight=1)
+        rows = np.zeros((1, 1))
+        first = gatherer.add(("m", "1", 10), "first", rows)
+        await first.enqueued
+        quitter, stayer = (gatherer.add(("m", "1", 10), name, rows) for name in ("q", "s"))
+        quitter.enqueued.cancel()  # its request was cancelled while the group was held
+        gatherer.answered(quitter)
+        later = gatherer.add(("m", "1", 10), "x", rows)
+        gatherer.answered(first)  # frees the key: the held group goes, without the quitter
+        await stayer.enqueued
+        assert later.group is stayer.group
+        await later.enqueued
+
+    asyncio.run(scenario())
+    assert sent == [["first"], ["s", "x"]]
+
+
 def test_a_group_is_one_task_and_each_request_keeps_its_own_job(
     consumer_factory: Any, redis_conn: redis.Redis
 ) -> None:
@@ -233,8 +279,9 @@ def test_a_group_is_one_task_and_each_request_keeps_its_own_job(
     async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], int]:
         async with main.lifespan(main.app):
             service = main.app.state.service
-            while "group" not in service.catalog.models:
-                await asyncio.sleep(0.02)
+            async with asyncio.timeout(10):
+                while "group" not in service.catalog.models:
+                    await asyncio.sleep(0.02)
             transport = httpx.ASGITransport(app=main.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
                 enqueued = service.enqueued

@@ -444,3 +444,31 @@ def test_result_listener_survives_a_bad_message_and_a_killed_connection(
         lambda: client.post(PREDICT, json={"instances": [[0.5] * 10]}).status_code == 200,
         "predictions to work again",
     )
+
+
+def test_a_repeated_body_is_answered_before_parsing_and_never_stale(
+    client: TestClient, model_store: ModelStore
+) -> None:
+    """hueyserve.hot_path: the same bytes again are a hit (no job), but not when the request
+    asks for something else (async, another content type) or the version changed."""
+    raw = b'{"instances": [[0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1]]}'
+    json_type = {"Content-Type": "application/json"}
+    first = client.post(PREDICT, content=raw, headers=json_type)
+    again = client.post(PREDICT, content=raw, headers=json_type)
+    assert first.headers["X-Cache"] == "miss" and again.headers["X-Cache"] == "hit"
+    assert again.content == first.content and "X-Job-Id" not in again.headers
+    versioned = client.post(
+        "/v1/models/diabetes/versions/1:predict", content=raw, headers=json_type
+    )
+    assert versioned.headers["X-Cache"] == "hit" and versioned.content == first.content
+    wrong_type = client.post(PREDICT, content=raw, headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415
+    asynchronous = client.post(
+        PREDICT, content=raw, headers={**json_type, "Prefer": "respond-async"}
+    )
+    assert asynchronous.status_code == 202
+    model, metadata = train_diabetes(n_estimators=5)
+    assert model_store.save("diabetes", model, metadata) == "2"
+    assert client.post("/v1/models/diabetes/reload").status_code == 200  # the newest: 2
+    fresh = client.post(PREDICT, content=raw, headers=json_type)
+    assert fresh.headers["X-Cache"] == "miss" and fresh.headers["X-Model-Version"] == "2"
