@@ -147,6 +147,14 @@ async def get_service(request: Request) -> PredictService:  # async: no threadpo
 
 
 Service = Annotated[PredictService, Depends(get_service)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=200,
+        description="Submitting again with the same key returns the first submission's job "
+        "instead of a second job (keys live as long as job records).",
+    ),
+]
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -213,8 +221,10 @@ async def predict(
     request: Request,
     service: Service,
     prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    return await predict_v1(service.catalog.get(name), request, service, prefer)
+    model = service.catalog.get(name)
+    return await predict_v1(model, request, service, prefer, idempotency_key)
 
 
 @app.post(
@@ -230,12 +240,18 @@ async def predict_version(
     request: Request,
     service: Service,
     prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    return await predict_v1(service.catalog.get(name, version), request, service, prefer)
+    model = service.catalog.get(name, version)
+    return await predict_v1(model, request, service, prefer, idempotency_key)
 
 
 async def predict_v1(
-    model: ModelVersion, request: Request, service: PredictService, prefer: str | None
+    model: ModelVersion,
+    request: Request,
+    service: PredictService,
+    prefer: str | None,
+    idempotency_key: str | None,
 ) -> Response:
     """The body is read raw and parsed by pydantic-core straight from the bytes; the answer is
     kept under those bytes, so hueyserve.hot_path answers them again before any parsing."""
@@ -244,8 +260,9 @@ async def predict_v1(
     features = service.rows(model, body.instances)
     if wants_async(prefer):
         accepted = await service.submit(
-            model, features, priority=body.priority, deadline_s=body.timeout
-        )
+            model, features, priority=body.priority, deadline_s=body.timeout,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
         return accepted_response(accepted)
     answer = await service.infer(model, features, priority=body.priority, timeout_s=body.timeout)
     # Rendered with orjson straight away: the response model documents the body, and
@@ -335,8 +352,9 @@ async def infer(
     request: Request,
     service: Service,
     prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    return await infer_v2(service, name, None, request, prefer)
+    return await infer_v2(service, name, None, request, prefer, idempotency_key)
 
 
 @app.post(
@@ -351,12 +369,18 @@ async def infer_version(
     request: Request,
     service: Service,
     prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    return await infer_v2(service, name, version, request, prefer)
+    return await infer_v2(service, name, version, request, prefer, idempotency_key)
 
 
 async def infer_v2(
-    service: PredictService, name: str, version: str | None, request: Request, prefer: str | None
+    service: PredictService,
+    name: str,
+    version: str | None,
+    request: Request,
+    prefer: str | None,
+    idempotency_key: str | None,
 ) -> Response:
     """The body is read raw: JSON, or JSON then binary tensors (Triton's extension)."""
     body = await request.body()
@@ -371,8 +395,9 @@ async def infer_v2(
     plan = v2_protocol.schedule(infer_request.parameters)
     if wants_async(prefer):
         accepted = await service.submit(
-            model, features, priority=plan.priority, deadline_s=plan.timeout_s, protocol="v2"
-        )
+            model, features, priority=plan.priority, deadline_s=plan.timeout_s, protocol="v2",
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
         return accepted_response(accepted)
     answer = await service.infer(model, features, priority=plan.priority, timeout_s=plan.timeout_s)
     answer_v2 = v2_protocol.v2_response(
@@ -390,12 +415,15 @@ async def infer_v2(
 
 
 @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, summary="Submit an async job")
-async def submit_job(body: JobSubmit, service: Service) -> JSONResponse:
+async def submit_job(
+    body: JobSubmit, service: Service, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
     model = service.catalog.get(body.model, body.version)
     features = service.rows(model, body.instances)
     accepted = await service.submit(
-        model, features, priority=body.priority, deadline_s=body.timeout
-    )
+        model, features, priority=body.priority, deadline_s=body.timeout,
+        idempotency_key=idempotency_key,
+    )  # fmt: skip
     return accepted_response(accepted)
 
 
@@ -422,8 +450,13 @@ async def cancel_job(job_id: str, service: Service) -> JobPublic:
     response_model=JobAccepted,
     summary="Train a new version through the queue (low priority); the job names the version",
 )
-async def train(name: str, service: Service, body: TrainRequest | None = None) -> JSONResponse:
-    return accepted_response(await service.train(name, body or TrainRequest()))
+async def train(
+    name: str,
+    service: Service,
+    body: TrainRequest | None = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    return accepted_response(await service.train(name, body or TrainRequest(), idempotency_key))
 
 
 @app.post(

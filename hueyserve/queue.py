@@ -44,23 +44,31 @@ def fail_fast_retry() -> Retry:
     return Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,))
 
 
-#: KEYS: the queue, then each job record. ARGV: the depth limit (0: none), the task's score
-#: (its negated priority), the task, the records' TTL, then per record its number of fields
-#: followed by fields and values. Refuses (0) when as many tasks as the limit would run before
-#: or with this one (same or higher priority); else writes the records and queues the task.
+#: KEYS: the queue, the submission's idempotency key ('' for none), then each job record.
+#: ARGV: the depth limit (0: none), the task's score (its negated priority), the task, the
+#: records' TTL, the task's id, then per record its number of fields followed by fields and
+#: values. Answers the id of the job that holds: an earlier one with the same idempotency key,
+#: else this one once queued; or 0 (refused) when as many tasks as the limit would run before
+#: or with this one (same or higher priority).
 ENQUEUE_SCRIPT = """
+if KEYS[2] ~= '' then
+    local earlier = redis.call('GET', KEYS[2])
+    if earlier then return earlier end
+end
 local limit = tonumber(ARGV[1])
 if limit > 0 and redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[2]) >= limit then return 0 end
-local arg = 5
-for i = 2, #KEYS do
+local arg = 6
+for i = 3, #KEYS do
     local n = tonumber(ARGV[arg])
     redis.call('HSET', KEYS[i], unpack(ARGV, arg + 1, arg + 2 * n))
     redis.call('EXPIRE', KEYS[i], ARGV[4])
     arg = arg + 1 + 2 * n
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-return 1
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
+return ARGV[5]
 """
+IDEMPOTENCY_PREFIX = "hueyserve:idempotency:"  #: + the client's Idempotency-Key -> job id
 
 
 class TaskQueue:
@@ -126,10 +134,13 @@ class TaskQueue:
         self.results.expect(task_id)
         return self.results.channel
 
-    async def enqueue(self, task: Task, records: dict[str, Fields]) -> None:
+    async def enqueue(
+        self, task: Task, records: dict[str, Fields], idempotency_key: str | None = None
+    ) -> str:
         """Put `task` on Huey's priority queue with its job records (one, or one per request
-        of a group), atomically; QueueFull when HUEYSERVE_MAX_QUEUE_DEPTH tasks would run
-        before or with it."""
+        of a group), atomically, and answer its id; or, for an `idempotency_key` seen before,
+        queue nothing and answer the earlier job's id. QueueFull when
+        HUEYSERVE_MAX_QUEUE_DEPTH tasks would run before or with it."""
         if task.expires:
             task.resolve_expires(self.huey.utc)  # as huey.enqueue does
         data = self.huey.serialize_task(task)
@@ -137,15 +148,18 @@ class TaskQueue:
         # within a priority; the score is the negated priority (ZPOPMIN takes the highest).
         member = struct.pack(">Q", time.time_ns() // 1000) + data
         args: list[Any] = [self.max_depth, -(task.priority or 0), member, self.record_ttl_s]
+        args.append(task.id)
         for record in records.values():
             args.append(len(record))
             for field, value in record.items():
                 args += [field, value]
-        keys = [self.storage.queue_key, *(job_key(job_id) for job_id in records)]
+        idempotency = IDEMPOTENCY_PREFIX + idempotency_key if idempotency_key else ""
+        keys = [self.storage.queue_key, idempotency, *(job_key(job_id) for job_id in records)]
         async with redis_errors():
-            queued = await self._enqueue(keys=keys, args=args)
-        if not queued:
+            job_id = await self._enqueue(keys=keys, args=args)
+        if not job_id:
             raise QueueFull(self.max_depth, task.priority or 0)
+        return bytes(job_id).decode()
 
     async def cancel(self, task_id: str) -> str | None:
         """Revoke a queued task (Huey skips it when a worker takes it); the status the job

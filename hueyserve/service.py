@@ -232,12 +232,15 @@ class PredictService:
         priority: int | None,
         deadline_s: float | None = None,
         protocol: str = "v1",
+        idempotency_key: str | None = None,
     ) -> JobAccepted:
         """Enqueue an async predict job and say where to find it. Past `deadline_s` seconds
-        in the queue, it is not run and reads `expired`."""
+        in the queue, it is not run and reads `expired`. A submission repeated with the same
+        `idempotency_key` gets the first one's job instead of a second job."""
         job_id = await self._enqueue(
             self.tasks.predict, (model.name, model.version, features), JobKind.PREDICT,
             model.name, _or(priority, self.settings.async_priority), expires=deadline_s,
+            idempotency_key=idempotency_key,
             version=model.version, instances=len(features), protocol=protocol,
         )  # fmt: skip
         return _accepted(job_id, model.name, model.version)
@@ -261,6 +264,7 @@ class PredictService:
         *,
         wait: bool = False,
         expires: float | None = None,
+        idempotency_key: str | None = None,
         **extra: str | int | float,
     ) -> str:
         """Enqueue a task with its job record; with `wait`, the caller must `_wait` for it."""
@@ -270,13 +274,14 @@ class PredictService:
         task.id, task.expires = job_id, expires
         record = new_record(job_id=job_id, kind=kind, model=model, priority=priority, **extra)
         try:
-            await self.queue.enqueue(task, {job_id: record})
+            held = await self.queue.enqueue(task, {job_id: record}, idempotency_key)
         except BaseException:
             self.queue.results.forget(job_id)
             raise
-        self.enqueued += 1
-        metrics.JOBS.labels(kind.value, "submitted").inc()
-        return job_id
+        if held == job_id:  # else an earlier submission with the same key holds
+            self.enqueued += 1
+            metrics.JOBS.labels(kind.value, "submitted").inc()
+        return held
 
     async def _wait(self, job_id: str, wait_s: float) -> Any:
         """The job's result once stored; its error or a timeout as the matching ServiceError."""
@@ -292,7 +297,9 @@ class PredictService:
 
     # --- model life cycle -----------------------------------------------------------------
 
-    async def train(self, name: str, request: TrainRequest) -> JobAccepted:
+    async def train(
+        self, name: str, request: TrainRequest, idempotency_key: str | None = None
+    ) -> JobAccepted:
         """Plan and check a training job (bad parameters: 422), then queue it low."""
         entry = self.catalog.models.get(name)
         previous = entry.get().metadata if entry else None
@@ -303,7 +310,10 @@ class PredictService:
         except training.TrainingError as exc:
             raise InvalidInput(str(exc)) from exc
         priority = self.settings.train_priority
-        job_id = await self._enqueue(self.tasks.train, (name, plan), JobKind.TRAIN, name, priority)
+        job_id = await self._enqueue(
+            self.tasks.train, (name, plan), JobKind.TRAIN, name, priority,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
         return _accepted(job_id, name, None)
 
     async def reload(self, name: str, version: str | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+import core
 from hueyserve import jobs
 from tests.conftest import GateModel
 from tests.test_main import main_app, poll_job
@@ -121,3 +122,36 @@ def test_a_full_queue_refuses_with_retry_after(gated: Gated) -> None:
         submit(client, 11.0, priority=90)
     finally:
         service.queue.max_depth = 0
+
+
+def test_a_retried_submission_with_the_same_idempotency_key_is_the_same_job(
+    gated: Gated, redis_conn: redis.Redis
+) -> None:
+    client, gate, _ = gated
+    service = client.app.state.service  # type: ignore[attr-defined]
+    enqueued = service.enqueued
+    key = {"Idempotency-Key": "order-42"}
+    body = {"model": "gate", "instances": [[12.0]]}
+    first = client.post("/v1/jobs", json=body, headers=key)
+    retried = client.post("/v1/jobs", json=body, headers=key)
+    assert first.status_code == retried.status_code == 202
+    assert retried.json()["job_id"] == first.json()["job_id"]
+    v1_async = client.post(
+        "/v1/models/gate:predict",
+        json={"instances": [[13.0]]},
+        headers={"Prefer": "respond-async", "Idempotency-Key": "order-43"},
+    )
+    v1_again = client.post(
+        "/v1/models/gate:predict",
+        json={"instances": [[13.0]]},
+        headers={"Prefer": "respond-async", "Idempotency-Key": "order-43"},
+    )
+    assert v1_again.json()["job_id"] == v1_async.json()["job_id"]
+    other = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-44"})
+    assert other.json()["job_id"] != first.json()["job_id"]
+    assert service.enqueued == enqueued + 3
+    too_long = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k" * 201})
+    assert too_long.status_code == 422 and "idempotency-key" in too_long.json()["error"]
+    assert redis_conn.zcard(core.huey.storage.queue_key) == 3  # the retries queued nothing
+    gate.release.set()
+    poll_job(client, first.json()["job_id"])
