@@ -145,23 +145,23 @@ def _answers(model: str, version: str, inputs: list[np.ndarray]) -> list[Outputs
 
 
 def _predict_each(model: str, version: str, inputs: list[np.ndarray]) -> list[Outputs | Exception]:
-    """One batched call (with concurrent tasks) for all the inputs; if it fails, each input
-    alone, so one bad input fails only its own job."""
-    if len(inputs) > 1:
-        try:
-            outputs = batchers.predict(model, version, np.concatenate(inputs))
-            return list(split_rows(outputs, [len(rows) for rows in inputs]))
-        except Exception:
-            logger.warning(
-                "a group for %s v%s failed; predicting its jobs one by one", model, version
-            )
-    answers: list[Outputs | Exception] = []
-    for rows in inputs:
-        try:
-            answers.append(batchers.predict(model, version, rows))
-        except Exception as exc:
-            answers.append(exc)
-    return answers
+    """One batched call (with concurrent tasks) for all the inputs. If it fails, each half
+    again, so one bad input fails only its own job, in a few calls even in a large group."""
+    if not inputs:
+        return []  # all answered from the cache
+    try:
+        if len(inputs) == 1:
+            return [batchers.predict(model, version, inputs[0])]
+        outputs = batchers.predict(model, version, np.concatenate(inputs))
+        return list(split_rows(outputs, [len(rows) for rows in inputs]))
+    except Exception as exc:
+        if len(inputs) == 1:
+            return [exc]
+        half = len(inputs) // 2
+        return [
+            *_predict_each(model, version, inputs[:half]),
+            *_predict_each(model, version, inputs[half:]),
+        ]
 
 
 @huey.task(name="train", context=True)
