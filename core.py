@@ -29,7 +29,8 @@ from hueyserve import catalog, datasets, metrics, results, training
 from hueyserve.batching import Batchers, BatchPolicy, split_rows
 from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
-from hueyserve.jobs import JobKind, JobRecorder
+from hueyserve.jobs import JobKind, JobRecorder, job_key
+from hueyserve.leases import PREFIX_BYTES, LeasingStorage
 from hueyserve.promotion import Promoter
 from hueyserve.registry import ModelRegistry, Outputs
 from hueyserve.settings import settings
@@ -38,8 +39,11 @@ from hueyserve.worker_logging import configure_worker_logging
 
 logger = logging.getLogger(__name__)
 
+LeasingStorage.lease_s = settings.lease_s
 huey = PriorityRedisExpireHuey(
     name=settings.queue_name,
+    # Every task a worker takes is leased until it is done: at least once (hueyserve.leases).
+    storage_class=LeasingStorage,
     expire_time=settings.result_ttl_s,
     # Waiters are woken by hueyserve.results (one pub/sub channel per API process), not by
     # Huey's per-task notification lists.
@@ -78,9 +82,11 @@ heartbeat = Heartbeat(
     huey.storage.conn,
     interval_s=settings.heartbeat_interval_s,
     ttl_s=settings.heartbeat_ttl_s,
-    on_beat=lambda: keep_models_published(),
+    on_beat=lambda: after_heartbeat(),
 )
 _warmed = threading.Event()  # this process has bootstrapped and published its models
+_threads = [0]  # worker threads running in this process (the heartbeat outlives all but one)
+_threads_lock = threading.Lock()
 TRAINING_LOCK = "hueyserve:training"
 TRAINING_RETRY_S = 5  # a training job that finds another running looks again this much later
 
@@ -270,13 +276,66 @@ def start_worker() -> None:
     """Runs in every worker thread; both calls are idempotent. Models are published by the
     heartbeat, so a worker started before Redis still gets ready once Redis answers."""
     configure_worker_logging(settings.log_dir)
+    with _threads_lock:
+        _threads[0] += 1
     heartbeat.start()
 
 
 @huey.on_shutdown()
 def stop_worker() -> None:
-    heartbeat.stop()
-    _warmed.clear()
+    """Runs in every worker thread as it stops (gracefully: its last task has ended). The
+    heartbeat, which renews the leases of tasks still running, stops with the last thread."""
+    huey.storage.release()
+    with _threads_lock:
+        _threads[0] -= 1
+        last = _threads[0] <= 0
+    if last:
+        heartbeat.stop()
+        _warmed.clear()
+
+
+def after_heartbeat() -> None:
+    huey.storage.renew()
+    reap_lost_tasks()
+    keep_models_published()
+
+
+def reap_lost_tasks() -> None:
+    """Tasks whose lease expired lost their worker (killed, out of memory): queue them again,
+    in their old place, until they have been started HUEYSERVE_MAX_ATTEMPTS times; then their
+    jobs fail with `worker_lost`. Any worker's heartbeat may claim one; only one gets it."""
+    for entry in huey.storage.claim_expired():
+        try:
+            task = huey.deserialize_task(entry[PREFIX_BYTES:])
+        except Exception:
+            logger.exception("dropping a lost task that cannot be read")
+            continue
+        if not _tracked(task):  # a periodic task: its next tick runs it again
+            logger.warning("lost task %s (%s) dropped", task.id, task.name)
+            continue
+        attempts = int(huey.storage.conn.hget(job_key(task.id), "attempts") or 0)
+        if attempts >= settings.max_attempts:
+            reason = f"worker_lost: its worker died in each of {attempts} attempts"
+            _fail_jobs(task, reason, (task.kwargs or {}).get("reply_to"))
+            logger.error("task %s failed: %s", task.id, reason)
+            continue
+        huey.storage.enqueue_entry(entry, task.priority or 0)
+        for job_id in _job_ids(task):
+            jobs.retrying(job_id, "worker_lost: its worker died while running it; queued again")
+        logger.warning("task %s lost its worker; queued again (attempt %d)", task.id, attempts)
+
+
+def _fail_jobs(task: Task, reason: str, channel: str | None) -> None:
+    """Fail every job of a task that will not run again: record, stored Error, wake-up."""
+    error = huey.serializer.serialize(Error({"error": reason, "task_id": task.id}))
+    with huey.storage.conn.pipeline(transaction=False) as pipe:
+        for job_id in _job_ids(task):
+            jobs.failed(job_id, reason, pipe=pipe)
+            pipe.set(huey.storage.result_key(job_id), error, ex=settings.result_ttl_s)
+            if channel is not None:
+                results.publish_result(pipe, channel, job_id, results.STORED)
+        pipe.execute()
+    metrics.JOBS.labels(task.name, "failed").inc(len(_job_ids(task)))
 
 
 def keep_models_published() -> None:
@@ -322,6 +381,7 @@ def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
 def _start_jobs(task: Task) -> None:
     """Mark the task's jobs running, atomically with DELETE /v1/jobs/{id}: a job cancelled
     after Huey's own revoke check is still not run. (First hook: nothing to undo.)"""
+    huey.storage.bind(task.id)  # its lease, renewed while it runs
     if _tracked(task) and not jobs.start(*_job_ids(task)):
         logger.info("job %s was cancelled; not running it", task.id)
         raise CancelExecution()
@@ -363,6 +423,14 @@ def _job_ids(task: Task) -> list[str]:
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+@huey.signal(signals.SIGNAL_INTERRUPTED)
+def _on_interrupted(signal: str, task: Task) -> None:
+    """The consumer stopped at once (SIGTERM) while the task ran: queue it again now."""
+    if huey.storage.requeue(task.id, task.priority or 0) and _tracked(task):
+        for job_id in _job_ids(task):
+            jobs.retrying(job_id, "its worker stopped while running it; queued again")
 
 
 @huey.signal(signals.SIGNAL_EXPIRED)

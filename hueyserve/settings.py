@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     worker_type: str = Field("thread", description="Huey worker type: thread, process or greenlet.")
     heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker reports in.")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long is gone.")
+    lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="A running task's lease, renewed every heartbeat; a task whose lease "
+        "expired lost its worker and is queued again.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Most starts of a task whose worker keeps dying (then worker_lost)."
+    )
 
     # --- Batching (per worker process) ---------------------------------------------------
     batch_max_rows: int = Field(

@@ -12,7 +12,8 @@ import redis
 from fastapi.testclient import TestClient
 
 import core
-from hueyserve import jobs
+from hueyserve import jobs, leases
+from hueyserve.settings import settings
 from tests.conftest import GateModel
 from tests.test_main import main_app, poll_job
 
@@ -155,3 +156,52 @@ def test_a_retried_submission_with_the_same_idempotency_key_is_the_same_job(
     assert redis_conn.zcard(core.huey.storage.queue_key) == 3  # the retries queued nothing
     gate.release.set()
     poll_job(client, first.json()["job_id"])
+
+
+# --- worker death: leases and the reaper --------------------------------------------------
+
+
+def lost_task(client: TestClient, value: float, *, attempts: int) -> str:
+    """An async job as a worker that took it and died would leave it: no longer queued, its
+    lease expired, `attempts` starts recorded."""
+    service = client.app.state.service  # type: ignore[attr-defined]
+    service.queue.max_depth = 0
+    job_id = submit(client, value)
+    conn = core.huey.storage.conn
+    entry, score = conn.zpopmin(core.huey.storage.queue_key)[0]
+    assert score == -settings.async_priority
+    conn.zadd(leases.LEASES_KEY, {entry: time.time() - 1})  # expired a second ago
+    conn.hset(jobs.job_key(job_id), mapping={"status": "running", "attempts": attempts})
+    return job_id
+
+
+def test_a_task_whose_worker_died_is_queued_again_and_completes(gated: Gated) -> None:
+    client, gate, _ = gated
+    job_id = lost_task(client, 21.0, attempts=1)
+    core.reap_lost_tasks()  # what every heartbeat does
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    record = core.huey.storage.conn.hgetall(jobs.job_key(job_id))
+    assert b"worker_lost" in record[b"error"]  # why it runs again
+    gate.release.set()
+    done = poll_job(client, job_id)
+    assert done["attempts"] == 2 and 21.0 in gate.calls
+    assert leases.lease_count(core.huey.storage.conn) == 0  # every lease given back
+
+
+def test_a_task_whose_worker_keeps_dying_fails_with_worker_lost(gated: Gated) -> None:
+    client, gate, _ = gated
+    job_id = lost_task(client, 22.0, attempts=settings.max_attempts)
+    core.reap_lost_tasks()
+    failed = client.get(f"/v1/jobs/{job_id}").json()
+    assert failed["status"] == "failed" and failed["error"].startswith("worker_lost")
+    gate.release.set()
+    time.sleep(0.3)
+    assert 22.0 not in gate.calls
+
+
+def test_running_tasks_hold_renewed_leases(gated: Gated) -> None:
+    conn = core.huey.storage.conn
+    (entry, until), *_ = conn.zrange(leases.LEASES_KEY, 0, -1, withscores=True)
+    assert until > time.time()  # the blocker's lease
+    core.huey.storage.renew()  # from the worker's heartbeat thread (renews all threads')
+    assert conn.zscore(leases.LEASES_KEY, entry) >= until
