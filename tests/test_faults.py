@@ -1,0 +1,250 @@
+"""Fault injection on real processes: workers killed mid-task, Redis stopped under load.
+
+Each test runs its own redis-server (persisting to disk, as `make run`'s does), consumers and
+uvicorn, and kills some of them. What they measure is printed and quoted in
+docs/reliability.md (run `pytest tests/test_faults.py -s` to see it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+import redis
+
+from hueyserve import leases
+from hueyserve.redis_server import EmbeddedRedis, free_port
+from hueyserve.stack import stop
+from tests.conftest import wait_for
+from tests.test_e2e import BIN, spawn
+
+PREDICT = "/v1/models/diabetes:predict"
+
+
+class FaultStack:
+    """A Redis with an append-only file, consumers and an API, each killable."""
+
+    def __init__(self, tmp_path: Path, demo_models: Path) -> None:
+        shutil.copytree(demo_models, tmp_path / "models")
+        self.redis = EmbeddedRedis(port=free_port(), data_dir=tmp_path / "redis")
+        self.redis.start()
+        self.env = {
+            **os.environ,
+            "REDIS_URL": self.redis.url,
+            "HUEYSERVE_MODEL_DIR": str(tmp_path / "models"),
+            "HUEYSERVE_LOG_DIR": str(tmp_path / "logs"),
+            "HUEYSERVE_LEASE_S": "2",
+        }
+        self.consumers: list[subprocess.Popen[bytes]] = []
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.api = spawn(
+            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port",
+             str(port), "--log-level", "warning"],
+            self.env,
+        )  # fmt: skip
+
+    def add_consumer(self) -> subprocess.Popen[bytes]:
+        consumer = spawn(
+            [str(BIN / "huey_consumer"), "core.huey", "-k", "thread", "-w", "4", "-m", "1"],
+            self.env,
+        )
+        self.consumers.append(consumer)
+        return consumer
+
+    def conn(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis.url, socket_timeout=2)
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.base}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        stop(self.api)
+        for consumer in self.consumers:
+            stop(consumer)
+        self.redis.stop()
+
+
+@pytest.fixture
+def faults(tmp_path: Path, demo_models: Path) -> Iterator[FaultStack]:
+    stack = FaultStack(tmp_path, demo_models)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def rows(n: int, seed: int) -> list[list[float]]:
+    return np.random.default_rng(seed).normal(scale=0.05, size=(n, 10)).tolist()
+
+
+async def submit_all(base: str, instances: list[list[float]]) -> list[str]:
+    """One async job per row, 32 submissions at a time; every one must be accepted."""
+    gate = asyncio.Semaphore(32)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+        async def one(row: list[float]) -> str:
+            async with gate:
+                body = {"model": "diabetes", "instances": [row]}
+                response = await client.post("/v1/jobs", json=body)
+            assert response.status_code == 202, response.text
+            job_id: str = response.json()["job_id"]
+            return job_id
+
+        return await asyncio.gather(*(one(row) for row in instances))
+
+
+def outcomes(base: str, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    with httpx.Client(base_url=base, timeout=10) as client:
+        return {job_id: client.get(f"/v1/jobs/{job_id}").json() for job_id in job_ids}
+
+
+def settled(jobs: dict[str, dict[str, Any]]) -> bool:
+    return all(job["status"] in ("done", "failed") for job in jobs.values())
+
+
+def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
+    """500 async jobs in flight; one consumer is SIGKILLed mid-task, the other gets SIGTERM
+    (Huey's immediate stop) mid-task, a third comes up: every job ends done (or failed with
+    a reason), none stuck, no lease left behind."""
+    first, second = faults.add_consumer(), faults.add_consumer()
+    wait_for(faults.ready, "the stack to be ready", timeout_s=60)
+    conn = faults.conn()
+    job_ids = asyncio.run(submit_all(faults.base, rows(500, seed=7)))
+    # More leases than one consumer's 4 threads can hold: the first holds at least one.
+    wait_for(lambda: leases.lease_count(conn) > 4, "both consumers to be busy", timeout_s=20)
+    killed_at = time.monotonic()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    wait_for(lambda: leases.lease_count(conn) > 0, "the second consumer to be busy")
+    second.send_signal(signal.SIGTERM)  # immediate stop: its running tasks go back now
+    assert second.wait(20) == 0
+    faults.add_consumer()
+    jobs = wait_for(
+        lambda: (found := outcomes(faults.base, job_ids)) and settled(found) and found,
+        "every job to end",
+        timeout_s=90,
+    )
+    recovered_s = time.monotonic() - killed_at
+    statuses = Counter(job["status"] for job in jobs.values())
+    retried = sum(1 for job in jobs.values() if job["attempts"] > 1)
+    print(
+        f"\n[faults] 500 jobs, SIGKILL + SIGTERM of the two consumers: {dict(statuses)}; "
+        f"{retried} started again; all ended {recovered_s:.1f}s after the kill"
+    )
+    assert all(job["error"] for job in jobs.values() if job["status"] == "failed")
+    assert statuses["done"] + statuses["failed"] == 500
+    assert retried >= 1  # the kill really caught tasks mid-flight
+    assert leases.lease_count(conn) == 0
+
+
+class Load:
+    """8 threads posting distinct sync predicts until stopped; every status and latency."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.stopping = threading.Event()
+        self.calls: list[tuple[float, int, float]] = []  # (started at, status, seconds)
+        self.threads = [
+            threading.Thread(target=self._run, args=(1000 + i,), daemon=True) for i in range(8)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=self.base, timeout=30) as client:
+            while not self.stopping.is_set():
+                body = {"instances": rng.normal(scale=0.05, size=(1, 10)).tolist()}
+                started = time.monotonic()
+                try:
+                    status = client.post(PREDICT, json=body).status_code
+                except httpx.HTTPError:
+                    status = 0  # no answer at all
+                self.calls.append((started, status, time.monotonic() - started))
+
+    def stop(self) -> list[tuple[float, int, float]]:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+        return self.calls
+
+
+def test_a_redis_outage_fails_fast_and_recovers(faults: FaultStack) -> None:
+    """Redis stops under load: sync calls get 503 with Retry-After within about a second,
+    cache hits are still answered, readiness is false; once Redis is back everything
+    recovers by itself and the jobs accepted before the outage complete."""
+    faults.add_consumer()
+    wait_for(faults.ready, "the stack to be ready", timeout_s=60)
+    cached = {"instances": rows(1, seed=1)}
+    with httpx.Client(base_url=faults.base, timeout=10) as client:
+        assert client.post(PREDICT, json=cached).status_code == 200
+        job_ids = asyncio.run(submit_all(faults.base, rows(200, seed=2)))
+        load = Load(faults.base)
+        try:
+            time.sleep(1)
+            outage_at, back_at, recovered_s = stop_and_restart_redis(faults, client, cached)
+            time.sleep(1)
+        finally:
+            calls = load.stop()
+    jobs = wait_for(
+        lambda: (found := outcomes(faults.base, job_ids)) and settled(found) and found,
+        "the jobs accepted before the outage to end",
+        timeout_s=60,
+    )
+    during = [(status, s) for at, status, s in calls if outage_at + 0.5 < at < back_at]
+    statuses = Counter(status for _, status, _ in calls)
+    slowest_failure = max((s for status, s in during if status != 200), default=0.0)
+    after = [status for at, status, _ in calls if at > back_at + recovered_s]
+    print(
+        f"\n[faults] Redis down 2 s under 8 clients: {len(calls)} sync calls {dict(statuses)}; "
+        f"slowest 503 during the outage {slowest_failure * 1000:.0f} ms; recovered "
+        f"{recovered_s:.1f}s after Redis was back; 200 jobs accepted before: "
+        f"{dict(Counter(job['status'] for job in jobs.values()))}"
+    )
+    assert set(statuses) <= {200, 503}, statuses  # nothing but answers and fast refusals
+    assert during and all(status == 503 for status, _ in during)
+    assert slowest_failure < 2.0
+    assert after and all(status == 200 for status in after)
+    assert all(job["status"] == "done" for job in jobs.values())
+
+
+def stop_and_restart_redis(
+    faults: FaultStack, client: httpx.Client, cached: dict[str, Any]
+) -> tuple[float, float, float]:
+    """Stop Redis for 2 s, checking what clients see meanwhile; (stopped at, back at,
+    seconds from back to the first sync answer)."""
+    faults.redis.stop()
+    outage_at = time.monotonic()
+    down = client.post(PREDICT, json={"instances": rows(1, seed=3)})
+    assert down.status_code == 503 and down.headers["Retry-After"]
+    hit = client.post(PREDICT, json=cached)
+    assert hit.status_code == 200 and hit.headers["X-Cache"] == "hit"
+    assert client.get("/v2/health/ready").status_code == 503
+    refused = client.post("/v1/jobs", json={"model": "diabetes", "instances": rows(1, 4)})
+    assert refused.status_code == 503
+    time.sleep(2)
+    faults.redis.start()  # same port, same append-only file
+    back_at = time.monotonic()
+    wait_for(
+        lambda: client.post(PREDICT, json={"instances": rows(1, seed=5)}).status_code == 200,
+        "sync predictions to work again",
+        timeout_s=30,
+    )
+    return outage_at, back_at, time.monotonic() - back_at
