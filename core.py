@@ -319,7 +319,7 @@ def reap_lost_tasks() -> None:
             _fail_jobs(task, reason, (task.kwargs or {}).get("reply_to"))
             logger.error("task %s failed: %s", task.id, reason)
             continue
-        huey.storage.enqueue_entry(entry, task.priority or 0)
+        huey.storage.enqueue_entry(entry, task.priority or 0)  # in its old place
         for job_id in _job_ids(task):
             jobs.retrying(job_id, "worker_lost: its worker died while running it; queued again")
         logger.warning("task %s lost its worker; queued again (attempt %d)", task.id, attempts)

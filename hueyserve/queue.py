@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 
 from hueyserve.errors import QueueFull, RedisUnavailable
 from hueyserve.jobs import CANCEL_SCRIPT, Fields, job_key
+from hueyserve.leases import DOORBELL_TOKENS, doorbell_key
 from hueyserve.results import STORED, ResultListener
 
 
@@ -44,12 +45,12 @@ def fail_fast_retry() -> Retry:
     return Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,))
 
 
-#: KEYS: the queue, the submission's idempotency key ('' for none), then each job record.
-#: ARGV: the depth limit (0: none), the task's score (its negated priority), the task, the
-#: records' TTL, the task's id, then per record its number of fields followed by fields and
-#: values. Answers the id of the job that holds: an earlier one with the same idempotency key,
-#: else this one once queued; or 0 (refused) when as many tasks as the limit would run before
-#: or with this one (same or higher priority).
+#: KEYS: the queue, the submission's idempotency key ('' for none), the workers' doorbell, then
+#: each job record. ARGV: the depth limit (0: none), the task's score (its negated priority),
+#: the task, the records' TTL, the task's id, the doorbell's length, then per record its
+#: number of fields followed by fields and values. Answers the id of the job that holds: an
+#: earlier one with the same idempotency key, else this one once queued; or 0 (refused) when
+#: as many tasks as the limit would run before or with this one (same or higher priority).
 ENQUEUE_SCRIPT = """
 if KEYS[2] ~= '' then
     local earlier = redis.call('GET', KEYS[2])
@@ -57,14 +58,16 @@ if KEYS[2] ~= '' then
 end
 local limit = tonumber(ARGV[1])
 if limit > 0 and redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[2]) >= limit then return 0 end
-local arg = 6
-for i = 3, #KEYS do
+local arg = 7
+for i = 4, #KEYS do
     local n = tonumber(ARGV[arg])
     redis.call('HSET', KEYS[i], unpack(ARGV, arg + 1, arg + 2 * n))
     redis.call('EXPIRE', KEYS[i], ARGV[4])
     arg = arg + 1 + 2 * n
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('LPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
 return ARGV[5]
 """
@@ -148,13 +151,14 @@ class TaskQueue:
         # within a priority; the score is the negated priority (ZPOPMIN takes the highest).
         member = struct.pack(">Q", time.time_ns() // 1000) + data
         args: list[Any] = [self.max_depth, -(task.priority or 0), member, self.record_ttl_s]
-        args.append(task.id)
+        args += [task.id, DOORBELL_TOKENS]
         for record in records.values():
             args.append(len(record))
             for field, value in record.items():
                 args += [field, value]
         idempotency = IDEMPOTENCY_PREFIX + idempotency_key if idempotency_key else ""
-        keys = [self.storage.queue_key, idempotency, *(job_key(job_id) for job_id in records)]
+        doorbell = doorbell_key(self.storage.queue_key)
+        keys = [self.storage.queue_key, idempotency, doorbell, *map(job_key, records)]
         async with redis_errors():
             job_id = await self._enqueue(keys=keys, args=args)
         if not job_id:

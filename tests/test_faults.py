@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import redis
 
+import core
 from hueyserve import leases
 from hueyserve.redis_server import EmbeddedRedis, free_port
 from hueyserve.stack import stop
@@ -90,6 +91,11 @@ def faults(tmp_path: Path, demo_models: Path) -> Iterator[FaultStack]:
         stack.close()
 
 
+def lease_count(conn: redis.Redis) -> int:
+    """Leases held in the fault stack's Redis (same queue name as this process's)."""
+    return int(conn.zcard(leases.leases_key(core.huey.storage.queue_key)))
+
+
 def rows(n: int, seed: int) -> list[list[float]]:
     return np.random.default_rng(seed).normal(scale=0.05, size=(n, 10)).tolist()
 
@@ -115,8 +121,18 @@ def outcomes(base: str, job_ids: list[str]) -> dict[str, dict[str, Any]]:
         return {job_id: client.get(f"/v1/jobs/{job_id}").json() for job_id in job_ids}
 
 
-def settled(jobs: dict[str, dict[str, Any]]) -> bool:
-    return all(job["status"] in ("done", "failed") for job in jobs.values())
+def settle(base: str, job_ids: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Every job once all have ended (done or failed); on timeout, what the others are."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = outcomes(base, job_ids)
+        pending = [job for job in jobs.values() if job["status"] not in ("done", "failed")]
+        if not pending:
+            return jobs
+        if time.monotonic() > deadline:
+            statuses = Counter(job["status"] for job in jobs.values())
+            raise AssertionError(f"jobs still not ended: {dict(statuses)}; e.g. {pending[0]}")
+        time.sleep(0.5)
 
 
 def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
@@ -128,19 +144,15 @@ def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
     conn = faults.conn()
     job_ids = asyncio.run(submit_all(faults.base, rows(500, seed=7)))
     # More leases than one consumer's 4 threads can hold: the first holds at least one.
-    wait_for(lambda: leases.lease_count(conn) > 4, "both consumers to be busy", timeout_s=20)
+    wait_for(lambda: lease_count(conn) > 4, "both consumers to be busy", timeout_s=20)
     killed_at = time.monotonic()
     first.send_signal(signal.SIGKILL)
     first.wait()
-    wait_for(lambda: leases.lease_count(conn) > 0, "the second consumer to be busy")
+    wait_for(lambda: lease_count(conn) > 0, "the second consumer to be busy")
     second.send_signal(signal.SIGTERM)  # immediate stop: its running tasks go back now
     assert second.wait(20) == 0
     faults.add_consumer()
-    jobs = wait_for(
-        lambda: (found := outcomes(faults.base, job_ids)) and settled(found) and found,
-        "every job to end",
-        timeout_s=90,
-    )
+    jobs = settle(faults.base, job_ids, timeout_s=90)
     recovered_s = time.monotonic() - killed_at
     statuses = Counter(job["status"] for job in jobs.values())
     retried = sum(1 for job in jobs.values() if job["attempts"] > 1)
@@ -151,7 +163,7 @@ def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
     assert all(job["error"] for job in jobs.values() if job["status"] == "failed")
     assert statuses["done"] + statuses["failed"] == 500
     assert retried >= 1  # the kill really caught tasks mid-flight
-    assert leases.lease_count(conn) == 0
+    assert lease_count(conn) == 0
 
 
 class Load:
@@ -203,11 +215,7 @@ def test_a_redis_outage_fails_fast_and_recovers(faults: FaultStack) -> None:
             time.sleep(1)
         finally:
             calls = load.stop()
-    jobs = wait_for(
-        lambda: (found := outcomes(faults.base, job_ids)) and settled(found) and found,
-        "the jobs accepted before the outage to end",
-        timeout_s=60,
-    )
+    jobs = settle(faults.base, job_ids, timeout_s=60)
     during = [(status, s) for at, status, s in calls if outage_at + 0.5 < at < back_at]
     statuses = Counter(status for _, status, _ in calls)
     slowest_failure = max((s for status, s in during if status != 200), default=0.0)

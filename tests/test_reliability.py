@@ -12,7 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 
 import core
-from hueyserve import jobs, leases
+from hueyserve import jobs
 from hueyserve.settings import settings
 from tests.conftest import GateModel
 from tests.test_main import main_app, poll_job
@@ -170,7 +170,7 @@ def lost_task(client: TestClient, value: float, *, attempts: int) -> str:
     conn = core.huey.storage.conn
     entry, score = conn.zpopmin(core.huey.storage.queue_key)[0]
     assert score == -settings.async_priority
-    conn.zadd(leases.LEASES_KEY, {entry: time.time() - 1})  # expired a second ago
+    conn.zadd(core.huey.storage.leases_key, {entry: time.time() - 1})  # expired a second ago
     conn.hset(jobs.job_key(job_id), mapping={"status": "running", "attempts": attempts})
     return job_id
 
@@ -185,7 +185,7 @@ def test_a_task_whose_worker_died_is_queued_again_and_completes(gated: Gated) ->
     gate.release.set()
     done = poll_job(client, job_id)
     assert done["attempts"] == 2 and 21.0 in gate.calls
-    assert leases.lease_count(core.huey.storage.conn) == 0  # every lease given back
+    assert core.huey.storage.lease_count() == 0  # every lease given back
 
 
 def test_a_task_whose_worker_keeps_dying_fails_with_worker_lost(gated: Gated) -> None:
@@ -201,7 +201,7 @@ def test_a_task_whose_worker_keeps_dying_fails_with_worker_lost(gated: Gated) ->
 
 def test_running_tasks_hold_renewed_leases(gated: Gated) -> None:
     conn = core.huey.storage.conn
-    (entry, until), *_ = conn.zrange(leases.LEASES_KEY, 0, -1, withscores=True)
+    (entry, until), *_ = conn.zrange(core.huey.storage.leases_key, 0, -1, withscores=True)
     assert until > time.time()  # the blocker's lease
     core.huey.storage.renew()  # from the worker's heartbeat thread (renews all threads')
-    assert conn.zscore(leases.LEASES_KEY, entry) >= until
+    assert conn.zscore(core.huey.storage.leases_key, entry) >= until
