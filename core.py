@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
@@ -22,14 +23,14 @@ from huey.exceptions import CancelExecution, RetryTask
 from huey.serializer import SignedSerializer
 from huey.utils import Error
 from redis import ConnectionPool
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
 from hueyserve import catalog, datasets, metrics, results, training
 from hueyserve.batching import Batchers, BatchPolicy, split_rows
 from hueyserve.cache import PredictionCache, cache_key
 from hueyserve.heartbeat import Heartbeat
-from hueyserve.jobs import JobKind, JobRecorder, job_key
+from hueyserve.jobs import ENDED, JobKind, JobRecorder, job_key
 from hueyserve.leases import PREFIX_BYTES, LeasingStorage
 from hueyserve.promotion import Promoter
 from hueyserve.registry import ModelRegistry, Outputs
@@ -175,15 +176,11 @@ def train(name: str, plan: training.TrainPlan, task: Task) -> dict[str, Any]:
     """Train a new version of `name` as planned, save it and make it active (unless an
     operator pinned another). One training runs at a time: the others wait in the queue
     rather than hold worker threads."""
-    lock = _training_lock()
-    if not lock.acquire(blocking=False):
-        jobs.retrying(task.id, "waiting for the training that is running to finish")
-        raise RetryTask(delay=TRAINING_RETRY_S)
-    try:
+    with _training_slot(wait_s=None) as mine:
+        if not mine:
+            jobs.retrying(task.id, "waiting for the training that is running to finish")
+            raise RetryTask(delay=TRAINING_RETRY_S)
         version = _train(name, plan)
-    finally:
-        with contextlib.suppress(LockError):  # expired: the training outlived its timeout
-            lock.release()
     entry = promoter.publish_new(name)  # loads it here first: no request waits for the load
     jobs.done(task.id, version=version)
     return _trained(entry.get(version), entry)
@@ -234,7 +231,9 @@ def retrain_models() -> dict[str, Any]:
             if fingerprint == newest["training"]["fingerprint"]:
                 logger.info("retrain %s: data unchanged since version %s", name, newest["version"])
                 continue
-            with _training_lock(wait_s=settings.train_timeout_s):
+            with _training_slot(wait_s=settings.train_timeout_s) as mine:
+                if not mine:
+                    raise TimeoutError("another training held the lock for too long")
                 retrained[name] = _train(name, plan)
         except Exception:  # one bad data source must not stop the others
             logger.exception("retrain %s failed", name)
@@ -242,12 +241,33 @@ def retrain_models() -> dict[str, Any]:
     return retrained
 
 
-def _training_lock(wait_s: float | None = None) -> Lock:
-    """One training at a time across every worker; it expires if its holder dies."""
+@contextlib.contextmanager
+def _training_slot(wait_s: float | None) -> Iterator[bool]:
+    """One training at a time across every worker: yields whether this one may train (after
+    waiting up to `wait_s`; None: not at all). The lock lives HUEYSERVE_LEASE_S and is
+    renewed while the training runs, so a worker that dies while training frees it soon."""
     lock: Lock = huey.storage.conn.lock(
-        TRAINING_LOCK, timeout=settings.train_timeout_s + 60, blocking_timeout=wait_s
+        TRAINING_LOCK, timeout=settings.lease_s, blocking_timeout=wait_s
     )
-    return lock
+    if not lock.acquire(blocking=wait_s is not None):
+        yield False
+        return
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(settings.lease_s / 3):
+            try:
+                lock.extend(settings.lease_s, replace_ttl=True)
+            except (LockError, RedisError) as exc:
+                logger.warning("could not renew the training lock: %s", exc)
+
+    threading.Thread(target=renew, name="training-lock", daemon=True).start()
+    try:
+        yield True
+    finally:
+        done.set()
+        with contextlib.suppress(LockError, RedisError):  # lost: expired meanwhile
+            lock.release()
 
 
 def _train(name: str, plan: training.TrainPlan) -> str:
@@ -279,6 +299,7 @@ def start_worker() -> None:
     with _threads_lock:
         _threads[0] += 1
     heartbeat.start()
+    huey.storage.start_renewing(settings.heartbeat_interval_s)
 
 
 @huey.on_shutdown()
@@ -290,39 +311,53 @@ def stop_worker() -> None:
         _threads[0] -= 1
         last = _threads[0] <= 0
     if last:
+        huey.storage.stop_renewing()
         heartbeat.stop()
         _warmed.clear()
 
 
 def after_heartbeat() -> None:
-    huey.storage.renew()
     reap_lost_tasks()
     keep_models_published()
 
 
 def reap_lost_tasks() -> None:
     """Tasks whose lease expired lost their worker (killed, out of memory): queue them again,
-    in their old place, until they have been started HUEYSERVE_MAX_ATTEMPTS times; then their
-    jobs fail with `worker_lost`. Any worker's heartbeat may claim one; only one gets it."""
-    for entry in huey.storage.claim_expired():
+    in their old place, until their workers have died HUEYSERVE_MAX_ATTEMPTS times; then
+    their jobs fail with `worker_lost`. Any worker's heartbeat may reap; one wins each task."""
+    conn = huey.storage.conn
+    for entry in huey.storage.expired():
         try:
             task = huey.deserialize_task(entry[PREFIX_BYTES:])
         except Exception:
             logger.exception("dropping a lost task that cannot be read")
+            conn.zrem(huey.storage.leases_key, entry)
             continue
-        if not _tracked(task):  # a periodic task: its next tick runs it again
-            logger.warning("lost task %s (%s) dropped", task.id, task.name)
+        status, lost = conn.hmget(job_key(task.id), "status", "lost")
+        ended = status is not None and status.decode() in {s.value for s in ENDED}
+        if not _tracked(task) or ended:  # periodic (it runs again next tick), or finished
+            conn.zrem(huey.storage.leases_key, entry)
             continue
-        attempts = int(huey.storage.conn.hget(job_key(task.id), "attempts") or 0)
-        if attempts >= settings.max_attempts:
-            reason = f"worker_lost: its worker died in each of {attempts} attempts"
-            _fail_jobs(task, reason, (task.kwargs or {}).get("reply_to"))
-            logger.error("task %s failed: %s", task.id, reason)
+        deaths = int(lost or 0) + 1
+        if deaths >= settings.max_attempts:
+            if conn.zrem(huey.storage.leases_key, entry):  # this reaper won the task
+                reason = f"worker_lost: its worker died in each of {deaths} attempts"
+                _fail_jobs(task, reason, (task.kwargs or {}).get("reply_to"))
+                logger.error("task %s failed: %s", task.id, reason)
             continue
-        huey.storage.enqueue_entry(entry, task.priority or 0)  # in its old place
+        _requeue(task, entry, f"worker_lost: its worker died ({deaths}); queued again", deaths)
+
+
+def _requeue(task: Task, entry: bytes, reason: str, deaths: int | None = None) -> None:
+    """Say why the task runs again (before: a worker may take it at once), then queue it."""
+    with huey.storage.conn.pipeline(transaction=True) as pipe:
         for job_id in _job_ids(task):
-            jobs.retrying(job_id, "worker_lost: its worker died while running it; queued again")
-        logger.warning("task %s lost its worker; queued again (attempt %d)", task.id, attempts)
+            jobs.retrying(job_id, reason, pipe=pipe)
+        if deaths is not None:
+            pipe.hset(job_key(task.id), "lost", deaths)
+        pipe.execute()
+    if huey.storage.put_back(entry, task.priority or 0):
+        logger.warning("task %s: %s", task.id, reason)
 
 
 def _fail_jobs(task: Task, reason: str, channel: str | None) -> None:
@@ -383,7 +418,7 @@ def _start_jobs(task: Task) -> None:
     after Huey's own revoke check is still not run. (First hook: nothing to undo.)"""
     huey.storage.bind(task.id)  # its lease, renewed while it runs
     if _tracked(task) and not jobs.start(*_job_ids(task)):
-        logger.info("job %s was cancelled; not running it", task.id)
+        logger.info("job %s was cancelled or has ended; not running it", task.id)
         raise CancelExecution()
 
 
@@ -395,6 +430,7 @@ def _task_started(task: Task) -> None:
 
 @huey.post_execute()
 def _task_ended(task: Task, value: Any, exc: BaseException | None) -> None:
+    huey.storage.finish()  # Huey stored the result or error: the lease may go
     metrics.TASKS_RUNNING.labels(task.name).dec()
     seconds = stopwatch.stop(task.id)
     if seconds is not None:
@@ -425,16 +461,22 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@huey.signal(signals.SIGNAL_REVOKED, signals.SIGNAL_CANCELED)
+def _on_skipped(signal: str, task: Task) -> None:
+    huey.storage.finish()  # never ran, never will: the lease may go
+
+
 @huey.signal(signals.SIGNAL_INTERRUPTED)
 def _on_interrupted(signal: str, task: Task) -> None:
     """The consumer stopped at once (SIGTERM) while the task ran: queue it again now."""
-    if huey.storage.requeue(task.id, task.priority or 0) and _tracked(task):
-        for job_id in _job_ids(task):
-            jobs.retrying(job_id, "its worker stopped while running it; queued again")
+    entry = huey.storage.take_back(task.id)
+    if entry is not None:
+        _requeue(task, entry, "its worker stopped while running it; queued again")
 
 
 @huey.signal(signals.SIGNAL_EXPIRED)
 def _on_expired(signal: str, task: Task) -> None:
+    huey.storage.finish()
     if _tracked(task):
         for job_id in _job_ids(task):
             jobs.expired(job_id)

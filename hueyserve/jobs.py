@@ -63,10 +63,12 @@ def new_record(
     }
 
 
-#: KEYS: job records; ARGV: now, ttl. Running, unless one of them was cancelled (then 0).
+#: KEYS: job records; ARGV: now, ttl. Running, unless one of them was cancelled or has ended
+#: already (then 0: a task queued again after its worker died may have finished meanwhile).
 START_SCRIPT = """
+local ended = {cancelled = true, done = true, failed = true, expired = true}
 for _, key in ipairs(KEYS) do
-    if redis.call('HGET', key, 'status') == 'cancelled' then return 0 end
+    if ended[redis.call('HGET', key, 'status')] then return 0 end
 end
 for _, key in ipairs(KEYS) do
     redis.call('HSET', key, 'status', 'running', 'started_at', ARGV[1])
@@ -98,8 +100,8 @@ class JobRecorder:
         self._start = conn.register_script(START_SCRIPT)
 
     def start(self, *job_ids: str) -> bool:
-        """Mark the jobs running (a group's all at once), unless one was cancelled: then
-        nothing changes and the answer is False. Atomic against `cancel`."""
+        """Mark the jobs running (a group's all at once), unless one was cancelled or has
+        ended: then nothing changes and the answer is False. Atomic against `cancel`."""
         keys = [job_key(job_id) for job_id in job_ids]
         return bool(self._start(keys=keys, args=[time.time(), self.ttl_s]))
 
@@ -118,8 +120,8 @@ class JobRecorder:
         failed: Fields = {"status": JobStatus.FAILED.value, "error": error, "finished_at": now}
         self._update(job_id, failed, pipe=pipe)
 
-    def retrying(self, job_id: str, error: str) -> None:
-        self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error})
+    def retrying(self, job_id: str, error: str, pipe: redis.client.Pipeline | None = None) -> None:
+        self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error}, pipe=pipe)
 
     def _update(
         self,

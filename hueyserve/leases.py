@@ -4,10 +4,11 @@ Huey pops a task off Redis destructively and keeps no record of it while it runs
 killed mid-task (kill -9, out of memory) would lose it. This storage takes a task and leases
 it in one Lua script: the task's queue entry moves atomically from the queue into a sorted set
 scored by the lease's expiry. The worker's heartbeat renews the leases of its running tasks; a
-worker thread gives its lease back when it asks for its next task (or stops), whatever
-happened to the last one (done, failed, retried, revoked, expired). Expired leases belong to
-dead workers: `claim_expired` hands them to a reaper (core.reap_lost_tasks), which queues
-them again.
+worker thread gives its lease back when it asks for its next task (or stops), once Huey has
+recorded how the last one ended (done, failed, retried, revoked, expired: `finish`); if that
+record failed (Redis went away), the lease is left to lapse instead. Expired leases belong to
+dead workers: a reaper (core.reap_lost_tasks) queues them again. Leases are renewed on a
+thread of their own (`start_renewing`), so nothing slow elsewhere lets them lapse.
 
 A script cannot block, so an idle worker waits on a doorbell list instead (BLPOP): every
 enqueue, here and in the API's enqueue script, also pushes a token to it.
@@ -15,12 +16,14 @@ enqueue, here and in the API's enqueue script, also pushes a token to it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import redis
 from huey.storage import PriorityRedisExpireStorage
+
+logger = logging.getLogger(__name__)
 
 PREFIX_BYTES = 8  #: huey's queue entries are an 8-byte timestamp, then the task message
 DOORBELL_TOKENS = 1024  #: most tokens kept: idle workers wake at most this often for nothing
@@ -47,6 +50,17 @@ return popped[1]
 """
 
 
+#: KEYS: the leases, the queue, the doorbell. ARGV: the entry, its queue score, the doorbell's
+#: length. Whoever removes the lease queues the entry; 0 if the lease was gone.
+PUT_BACK_SCRIPT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+return 1
+"""
+
+
 class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
     """Huey's priority Redis storage, whose dequeue leases what it hands out."""
 
@@ -57,9 +71,13 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         self.leases_key = leases_key(self.queue_key)
         self.doorbell_key = doorbell_key(self.queue_key)
         self._take = self.conn.register_script(TAKE_SCRIPT)
+        self._put_back = self.conn.register_script(PUT_BACK_SCRIPT)
         self._lock = threading.Lock()
         self._held: dict[int, bytes] = {}  # worker thread -> the entry it holds
         self._entries: dict[str, bytes] = {}  # running task id -> its entry
+        self._finished: set[int] = set()  # threads whose task ended as Huey recorded
+        self._renewer: threading.Thread | None = None
+        self._stop_renewing = threading.Event()
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey's enqueue (scheduled tasks, retries, periodic tasks), ringing the doorbell."""
@@ -67,7 +85,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         self.enqueue_entry(prefix.to_bytes(PREFIX_BYTES, "big") + data, priority or 0)
 
     def enqueue_entry(self, entry: bytes, priority: int) -> None:
-        """An entry (back) on the queue, in its place among tasks of its priority."""
+        """An entry on the queue, in its place among tasks of its priority."""
         with self.conn.pipeline(transaction=True) as pipe:
             pipe.zadd(self.queue_key, {entry: -priority})
             self._ring(pipe)
@@ -82,7 +100,14 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         its own, in one atomic script; when there is none, wait for the doorbell and try once
         more."""
         previous = self._give_back()
-        entry = self._take_one(previous)
+        try:
+            entry = self._take_one(previous)
+        except BaseException:  # Redis unreachable: still ours to give back later
+            if previous is not None:
+                with self._lock:
+                    self._held[threading.get_ident()] = previous
+                    self._finished.add(threading.get_ident())
+            raise
         if entry is None:
             self.conn.blpop([self.doorbell_key], timeout=self.read_timeout)
             entry = self._take_one()
@@ -107,35 +132,70 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             if entry is not None:
                 self._entries[task_id] = entry
 
+    def finish(self) -> None:
+        """This thread's task reached an end Huey has recorded (a result, a final error, a
+        retry, a revoke, an expiry): its lease may go at the next take."""
+        with self._lock:
+            if threading.get_ident() in self._held:
+                self._finished.add(threading.get_ident())
+
     def release(self) -> None:
-        """Give back this thread's lease: its task is over, one way or another."""
+        """Give back this thread's lease (it stops), if its task finished."""
         entry = self._give_back()
         if entry is not None:
             self.conn.zrem(self.leases_key, entry)
 
     def _give_back(self) -> bytes | None:
+        """This thread's entry, to give back, if its task finished. Otherwise (Redis failed
+        under Huey as it stored the end) it is forgotten here, not renewed: its lease lapses
+        and a reaper queues the task again."""
+        thread = threading.get_ident()
         with self._lock:
-            entry = self._held.pop(threading.get_ident(), None)
+            entry = self._held.pop(thread, None)
+            finished = thread in self._finished
+            self._finished.discard(thread)
             for task_id in [t for t, e in self._entries.items() if e is entry]:
                 del self._entries[task_id]
-        return entry
+        return entry if finished else None
 
-    def requeue(self, task_id: str, priority: int) -> bool:
-        """Put a running task back on the queue now (its worker is stopping); False if this
-        process holds no lease for it."""
+    def take_back(self, task_id: str) -> bytes | None:
+        """Forget a running task's lease here (its worker is stopping) and answer its entry,
+        for `put_back`; None if this process holds no lease for it."""
         with self._lock:
             entry = self._entries.pop(task_id, None)
             for thread, held in list(self._held.items()):
                 if held is entry:
                     del self._held[thread]
-        if entry is None:
-            return False
-        with self.conn.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.leases_key, entry)
-            pipe.zadd(self.queue_key, {entry: -priority})
-            self._ring(pipe)
-            pipe.execute()
-        return True
+        return entry
+
+    def put_back(self, entry: bytes, priority: int) -> bool:
+        """End a lease and queue its entry again, in its old place, atomically (the task is
+        always either leased or queued). False when the lease was gone: another reaper got
+        there first."""
+        keys = [self.leases_key, self.queue_key, self.doorbell_key]
+        return bool(self._put_back(keys=keys, args=[entry, -priority, DOORBELL_TOKENS]))
+
+    def start_renewing(self, interval_s: float) -> None:
+        """Renew this process's leases every `interval_s` on a thread of their own, so that
+        nothing slow elsewhere (a model load) lets a running task's lease expire."""
+        with self._lock:
+            if self._renewer is not None and self._renewer.is_alive():
+                return
+            self._stop_renewing.clear()
+            self._renewer = threading.Thread(
+                target=self._renew_until_stopped, args=(interval_s,), name="leases", daemon=True
+            )
+            self._renewer.start()
+
+    def stop_renewing(self) -> None:
+        self._stop_renewing.set()
+
+    def _renew_until_stopped(self, interval_s: float) -> None:
+        while not self._stop_renewing.wait(interval_s):
+            try:
+                self.renew()
+            except redis.RedisError as exc:
+                logger.warning("renewing leases failed: %s", exc)
 
     def renew(self) -> None:
         """Extend the leases of every task this process is running (each heartbeat)."""
@@ -144,12 +204,13 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         if entries:
             self.conn.zadd(self.leases_key, dict.fromkeys(entries, self._until()), xx=True)
 
-    def claim_expired(self, limit: int = 100) -> Iterator[bytes]:
-        """Entries whose lease expired, each claimed by exactly one caller (ZREM decides)."""
-        expired = self.conn.zrangebyscore(self.leases_key, "-inf", time.time(), start=0, num=limit)
-        for entry in expired:
-            if self.conn.zrem(self.leases_key, entry):
-                yield entry
+    def expired(self, limit: int = 100) -> list[bytes]:
+        """Entries whose lease expired: their worker died. Several reapers may see the same
+        one; `put_back` is idempotent (the same entry is queued once)."""
+        found: list[bytes] = self.conn.zrangebyscore(
+            self.leases_key, "-inf", time.time(), start=0, num=limit
+        )
+        return found
 
     def lease_count(self) -> int:
         return int(self.conn.zcard(self.leases_key))

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -144,6 +151,15 @@ class Settings(BaseSettings):
         """The configured keys of a scope ("api" or "admin")."""
         raw = self.api_keys if scope == "api" else self.admin_keys
         return frozenset(key.strip() for key in raw.split(",") if key.strip())
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> Settings:
+        if self.lease_s < 3 * self.heartbeat_interval_s:
+            raise ValueError(
+                "HUEYSERVE_LEASE_S must be at least 3 x HUEYSERVE_HEARTBEAT_INTERVAL_S (leases "
+                "are renewed that often; a shorter one lapses while its task runs)"
+            )
+        return self
 
     @field_validator("redis_url")
     @classmethod
