@@ -441,6 +441,15 @@ async def cancel_job(job_id: str, service: Service) -> JobPublic:
     return await service.cancel(job_id)
 
 
+@app.post(
+    "/v1/queue/purge",
+    summary="Admin: cancel every queued job (running ones finish)",
+    response_model=dict[str, int],
+)
+async def purge_queue(service: Service) -> dict[str, int]:
+    return await service.purge()
+
+
 # --- model life cycle -------------------------------------------------------------------------
 
 

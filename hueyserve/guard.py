@@ -5,7 +5,7 @@ Keys are optional. With none configured, every route is open. With `HUEYSERVE_AP
 `HUEYSERVE_ADMIN_KEYS` set, a request names its key in `Authorization: Bearer <key>` or
 `X-API-Key: <key>`:
 - health, metrics, the server metadata and the docs stay open (probes and scrapers hold no key);
-- training and reloads need an admin key;
+- training, reloads and purging the queue need an admin key;
 - everything else (models, predict, infer, jobs) needs a predict key or an admin key.
 """
 
@@ -19,8 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hueyserve.errors import PayloadTooLarge
 
-OPEN = re.compile(r"/health|/v2|/v2/health/(live|ready)|/metrics|/docs.*|/redoc|/openapi\.json")
-ADMIN = re.compile(r"/v1/models/[^/]+/(train|reload)")
+OPEN = re.compile(
+    r"/health|/v2|/v2/health/(live|ready)|/metrics|/docs(/oauth2-redirect)?|/redoc|/openapi\.json"
+)
+ADMIN = re.compile(r"/v1/models/[^/]+/(train|reload)|/v1/queue/purge")
 
 
 class RequestGuard:

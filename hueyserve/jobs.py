@@ -8,6 +8,8 @@ record in the same transaction that enqueues the task; the worker updates it fro
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from enum import StrEnum
 from typing import Any
@@ -63,15 +65,16 @@ def new_record(
     }
 
 
-#: KEYS: job records; ARGV: now, ttl. Running, unless one of them was cancelled or has ended
-#: already (then 0: a task queued again after its worker died may have finished meanwhile).
+#: KEYS: job records; ARGV: now, ttl, the worker (host:pid). Running, unless one of them was
+#: cancelled or has ended already (then 0: a task queued again after its worker died may have
+#: finished meanwhile).
 START_SCRIPT = """
 local ended = {cancelled = true, done = true, failed = true, expired = true}
 for _, key in ipairs(KEYS) do
     if ended[redis.call('HGET', key, 'status')] then return 0 end
 end
 for _, key in ipairs(KEYS) do
-    redis.call('HSET', key, 'status', 'running', 'started_at', ARGV[1])
+    redis.call('HSET', key, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
     redis.call('HINCRBY', key, 'attempts', 1)
     redis.call('EXPIRE', key, ARGV[2])
 end
@@ -103,7 +106,8 @@ class JobRecorder:
         """Mark the jobs running (a group's all at once), unless one was cancelled or has
         ended: then nothing changes and the answer is False. Atomic against `cancel`."""
         keys = [job_key(job_id) for job_id in job_ids]
-        return bool(self._start(keys=keys, args=[time.time(), self.ttl_s]))
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        return bool(self._start(keys=keys, args=[time.time(), self.ttl_s, worker]))
 
     def expired(self, job_id: str) -> None:
         reason = "not run: its deadline passed while it was queued"

@@ -199,6 +199,16 @@ class TaskQueue:
         fields = {k.decode(): v.decode() for k, v in record.items()}
         return fields, EmptyData if raw is None else self.huey.serializer.deserialize(raw)
 
+    async def queued_entries(self) -> list[bytes]:
+        """Every task waiting in the queue, as stored (for an admin purge)."""
+        async with redis_errors():
+            entries: list[Any] = await self.client.zrange(self.storage.queue_key, 0, -1)
+        return [bytes(entry) for entry in entries]
+
+    async def remove_entry(self, entry: bytes) -> None:
+        async with redis_errors():
+            await self.client.zrem(self.storage.queue_key, entry)
+
     async def ping_ms(self) -> float:
         start = time.perf_counter()
         async with redis_errors():

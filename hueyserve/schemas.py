@@ -15,6 +15,8 @@ from hueyserve.registry import Outputs
 #: One feature value: a real JSON number. Strings, booleans, null, NaN and Infinity are refused.
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Instances = Annotated[list[list[Feature]], Field(min_length=1, description="Rows of features.")]
+#: Longest string any request field may hold (names, ids, parameter values).
+MAX_STRING = 4096
 Priority = Annotated[int, Field(ge=0, le=100, description="0-100; higher runs first.")]
 
 EXAMPLE_ROWS = [
@@ -28,12 +30,13 @@ class PredictRequest(BaseModel):
     """KServe v1 predict body, plus optional queue options."""
 
     model_config = ConfigDict(
+        str_max_length=MAX_STRING,
         json_schema_extra={
             "examples": [
                 {"instances": EXAMPLE_JSON},
                 {"instances": EXAMPLE_JSON[:1], "priority": 50, "timeout": 5},
             ]
-        }
+        },
     )
 
     instances: Instances
@@ -70,7 +73,8 @@ class JobSubmit(BaseModel):
     """An explicit async job: which model, which rows, how urgent."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"model": "diabetes", "instances": EXAMPLE_JSON}]}
+        str_max_length=MAX_STRING,
+        json_schema_extra={"examples": [{"model": "diabetes", "instances": EXAMPLE_JSON}]},
     )
 
     model: str = Field(min_length=1, max_length=200)
@@ -106,6 +110,7 @@ class JobPublic(BaseModel):
     priority: int | None = None
     instances: int | None = None
     attempts: int = 0
+    worker: str | None = Field(default=None, description="host:pid of the worker that ran it last.")
     created_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
@@ -134,6 +139,7 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        str_max_length=MAX_STRING,
         json_schema_extra={
             "examples": [
                 {},
@@ -164,7 +170,7 @@ class TrainRequest(BaseModel):
 class ReloadRequest(BaseModel):
     """Which version to make active; none means the newest (and unpins the model)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
 
     version: str | None = Field(default=None, max_length=20)
 

@@ -36,6 +36,7 @@ from hueyserve.errors import (
 )
 from hueyserve.gathering import Gatherer, GroupKey, Member
 from hueyserve.jobs import ENDED, JobKind, JobStatus, new_record
+from hueyserve.leases import PREFIX_BYTES
 from hueyserve.queue import TaskQueue, redis_errors
 from hueyserve.registry import Outputs
 from hueyserve.schemas import JobAccepted, JobPublic, TrainRequest, v1_predictions
@@ -347,6 +348,21 @@ class PredictService:
         metrics.JOBS.labels(job.kind, JobStatus.CANCELLED.value).inc()
         return job
 
+    async def purge(self) -> dict[str, int]:
+        """Cancel every queued job (admin): none of them will run, and their tasks leave the
+        queue. A sync caller whose job is purged gets its 504 when its wait ends."""
+        cancelled = 0
+        for entry in await self.queue.queued_entries():
+            try:
+                task = self.queue.huey.deserialize_task(entry[PREFIX_BYTES:])
+            except Exception:  # not ours (unsigned, corrupt): the workers drop it anyway
+                continue
+            members = (task.kwargs or {}).get("members") or [(task.id, 0)]
+            statuses = [await self.queue.cancel(job_id) for job_id, _ in members]
+            cancelled += statuses.count(JobStatus.QUEUED.value)
+            await self.queue.remove_entry(entry)
+        return {"cancelled": cancelled}
+
     async def job(self, job_id: str) -> JobPublic:
         record, value = await self.queue.job(job_id)
         if not record and value is EmptyData:
@@ -372,6 +388,7 @@ class PredictService:
             priority=_int(record.get("priority")),
             instances=_int(record.get("instances")),
             attempts=_int(record.get("attempts")) or 0,
+            worker=record.get("worker"),
             created_at=_time(record.get("created_at")),
             started_at=_time(record.get("started_at")),
             finished_at=_time(record.get("finished_at")) if status in ENDED else None,

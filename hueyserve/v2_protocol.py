@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from hueyserve.catalog import ModelVersion
 from hueyserve.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError
 from hueyserve.registry import Outputs
+from hueyserve.schemas import MAX_STRING
 from hueyserve.validation import validation_failure
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -58,6 +59,8 @@ class ModelMetadata(BaseModel):
 
 
 class RequestInput(BaseModel):
+    model_config = ConfigDict(str_max_length=MAX_STRING)
+
     name: str = Field(max_length=200)
     shape: list[int] = Field(max_length=8)
     datatype: str = Field(max_length=20)
@@ -66,11 +69,15 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
+    model_config = ConfigDict(str_max_length=MAX_STRING)
+
     name: str = Field(max_length=200)
     parameters: Parameters | None = None
 
 
 class InferenceRequest(BaseModel):
+    model_config = ConfigDict(str_max_length=MAX_STRING)
+
     id: str | None = Field(default=None, max_length=200)
     parameters: Parameters | None = None
     inputs: list[RequestInput] = Field(min_length=1)

@@ -136,10 +136,10 @@ def settle(base: str, job_ids: list[str], timeout_s: float) -> dict[str, dict[st
 
 
 def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
-    """500 async jobs and a training job in flight. The consumer running them is SIGKILLed
-    while it trains; the next one gets SIGTERM (Huey's immediate stop) while it trains the
-    same job again; a third comes up. Every job ends done, none stuck, no lease left."""
-    first = faults.add_consumer()
+    """500 async jobs and a training job in flight on two consumers. The one training is
+    SIGKILLed; the other, once it trains the same job again, gets SIGTERM (Huey's immediate
+    stop); a third comes up. Every job ends done, none stuck, no lease left."""
+    consumers = [faults.add_consumer(), faults.add_consumer()]
     wait_for(faults.ready, "the stack to be ready", timeout_s=60)
     conn = faults.conn()
     client = httpx.Client(base_url=faults.base, timeout=10)
@@ -154,18 +154,25 @@ def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
         again = client.get(f"/v1/jobs/{train_id}").json()
         return bool(again["status"] == "running" and again["attempts"] == job["attempts"])
 
+    def trainer() -> subprocess.Popen[bytes]:
+        pid = int(client.get(f"/v1/jobs/{train_id}").json()["worker"].rpartition(":")[2])
+        return next(consumer for consumer in consumers if consumer.pid == pid)
+
     # A training takes seconds: each signal surely finds it running.
     body = {"params": {"n_estimators": 300}}
     train_id = client.post("/v1/models/diabetes/train", json=body).json()["job_id"]
-    job_ids = asyncio.run(submit_all(faults.base, rows(500, seed=7)))
     wait_for(lambda: training_runs(1), "the training to run", timeout_s=30)
+    job_ids = asyncio.run(submit_all(faults.base, rows(500, seed=7)))
+    in_flight = conn.zcard(core.huey.storage.queue_key) + lease_count(conn)
     killed_at = time.monotonic()
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    second = faults.add_consumer()
+    doomed = trainer()
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    survivor = next(consumer for consumer in consumers if consumer is not doomed)
     wait_for(lambda: training_runs(2), "the lost training to run again", timeout_s=60)
-    second.send_signal(signal.SIGTERM)  # immediate stop: its running tasks go back now
-    assert second.wait(20) == 0
+    assert trainer() is survivor
+    survivor.send_signal(signal.SIGTERM)  # immediate stop: its running tasks go back now
+    assert survivor.wait(20) == 0
     # Put back at once, not after its lease lapsed (a "running" record would wait for the
     # reaper). The stopping consumer's other threads may even have taken it once more.
     assert conn.hget(f"hueyserve:job:{train_id}", "status") == b"queued"
@@ -176,7 +183,8 @@ def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
     statuses = Counter(job["status"] for job in jobs.values())
     trained = jobs.pop(train_id)
     print(
-        f"\n[faults] 500 jobs + a training, SIGKILL then SIGTERM mid-training: "
+        f"\n[faults] 500 jobs + a training ({in_flight} queued or running at the kill), "
+        f"SIGKILL then SIGTERM mid-training: "
         f"{dict(statuses)}; the training ended {trained['status']} after "
         f"{trained['attempts']} starts; all ended {recovered_s:.1f}s after the kill"
     )

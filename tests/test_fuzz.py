@@ -70,6 +70,23 @@ BAD = [
         '"data": [' + ROW + "]}]}",
     ),  # fmt: skip
     (V2, JSON, '{"inputs": "\u2603"}'),
+    (
+        V2,
+        JSON,
+        '{"id": "' + "i" * 5000 + '", "inputs": [{"name": "input-0", "shape": [1, 10], '
+        '"datatype": "FP64", "data": [' + ROW + "]}]}",
+    ),  # fmt: skip
+    (
+        V2,
+        JSON,
+        '{"parameters": {"x": "' + "p" * 5000 + '"}, "inputs": [{"name": "input-0", '
+        '"shape": [1, 10], "datatype": "FP64", "data": [' + ROW + "]}]}",
+    ),  # fmt: skip
+    (
+        "/v1/jobs",
+        JSON,
+        '{"model": "diabetes", "version": "' + "v" * 5000 + '", "instances": [[1]]}',
+    ),
     ("/v1/jobs", JSON, '{"model": "\u2603\u2603", "instances": [[' + ROW + "]]}"),
     ("/v1/jobs", JSON, '{"model": "diabetes", "instances": [[' + ROW + ']], "timeout": 0}'),
 ]

@@ -3,6 +3,7 @@ and backpressure, through the real app, queue and workers."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -207,3 +208,16 @@ def test_running_tasks_hold_renewed_leases(gated: Gated) -> None:
     conn.zadd(core.huey.storage.leases_key, {entry: time.time() + 0.5})  # about to lapse
     core.huey.storage.renew()  # what the lease thread does every heartbeat interval
     assert conn.zscore(core.huey.storage.leases_key, entry) > time.time() + 5
+
+
+def test_an_admin_purge_cancels_every_queued_job(gated: Gated, redis_conn: redis.Redis) -> None:
+    client, gate, blocker = gated
+    queued = [submit(client, float(30 + i), priority=p) for i, p in enumerate((1, 50, 90))]
+    purged = client.post("/v1/queue/purge")
+    assert purged.status_code == 200 and purged.json() == {"cancelled": 3}
+    assert redis_conn.zcard(core.huey.storage.queue_key) == 0  # gone at once: depth drops
+    gate.release.set()
+    finished = poll_job(client, blocker)
+    assert finished["worker"] and finished["worker"].endswith(f":{os.getpid()}")
+    assert [client.get(f"/v1/jobs/{j}").json()["status"] for j in queued] == ["cancelled"] * 3
+    assert not {30.0, 31.0, 32.0} & set(gate.calls)

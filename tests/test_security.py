@@ -52,6 +52,7 @@ def test_without_a_key_only_probes_metrics_and_docs_answer(keyed: TestClient) ->
         ("GET", "/v1/jobs/some-id"),
         ("DELETE", "/v1/jobs/some-id"),
         ("POST", "/v1/models/diabetes/train"),
+        ("POST", "/v1/queue/purge"),
     ]:
         refused = keyed.request(method, path, json=BODY)
         assert refused.status_code == 401, (method, path)
@@ -67,6 +68,7 @@ def test_a_predict_key_predicts_but_does_not_administer(keyed: TestClient) -> No
     assert reload.status_code == 403 and "admin key" in reload.json()["error"]
     train = keyed.post("/v1/models/diabetes/train", json={}, headers=bearer)
     assert train.status_code == 403
+    assert keyed.post("/v1/queue/purge", headers=bearer).status_code == 403
     wrong = keyed.post(PREDICT, json=BODY, headers={"Authorization": "Bearer p-kez"})
     assert wrong.status_code == 401 and wrong.json()["error"] == "unknown API key"
 
