@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
+import redis
 from huey import PriorityRedisExpireHuey, crontab, signals
 from huey.api import Task
 from huey.exceptions import CancelExecution, RetryTask
@@ -128,14 +129,22 @@ def predict(
             else:
                 jobs.done(job_id, pipe=pipe)
                 payload = huey.serializer.serialize(answer)
-            pipe.set(huey.storage.result_key(job_id), payload, ex=settings.result_ttl_s)
-            if reply_to is not None:
-                results.publish_result(pipe, reply_to, job_id, payload)
+            _store_result(pipe, job_id, payload, reply_to)
         pipe.execute()
     metrics.JOBS.labels(task.name, "done").inc(len(parts) - len(errors))
     if errors:
         metrics.JOBS.labels(task.name, "failed").inc(len(errors))
     return None  # stored already; Huey stores no None (store_none is off)
+
+
+def _store_result(
+    pipe: redis.client.Pipeline, job_id: str, payload: bytes, channel: str | None
+) -> None:
+    """A job's result (a value or an Error) in Huey's format and key, and the wake-up of the
+    API process waiting for it, which gets the payload itself and so needs no read."""
+    pipe.set(huey.storage.result_key(job_id), payload, ex=settings.result_ttl_s)
+    if channel is not None:
+        results.publish_result(pipe, channel, job_id, payload)
 
 
 def _answers(model: str, version: str, inputs: list[np.ndarray]) -> list[Outputs | Exception]:
@@ -366,9 +375,7 @@ def _fail_jobs(task: Task, reason: str, channel: str | None) -> None:
     with huey.storage.conn.pipeline(transaction=False) as pipe:
         for job_id in _job_ids(task):
             jobs.failed(job_id, reason, pipe=pipe)
-            pipe.set(huey.storage.result_key(job_id), error, ex=settings.result_ttl_s)
-            if channel is not None:
-                results.publish_result(pipe, channel, job_id, results.STORED)
+            _store_result(pipe, job_id, error, channel)
         pipe.execute()
     metrics.JOBS.labels(task.name, "failed").inc(len(_job_ids(task)))
 
@@ -390,8 +397,8 @@ def keep_models_published() -> None:
 
 @huey.post_execute()
 def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
-    """Once Huey has stored the final result of a task someone waits for, wake them: with the
-    result itself (saves a read), or for an error just the id (they read the stored Error)."""
+    """Once Huey has stored the final result of a task someone waits for, wake them with it
+    (a value, or the Error, stored under every job of a group)."""
     channel = (task.kwargs or {}).get("reply_to")
     if channel is None or (exc is not None and task.retries):
         return  # nobody waits, or Huey will retry: no final result yet
@@ -406,9 +413,7 @@ def _reply(task: Task, value: Any, exc: BaseException | None) -> None:
     error = huey.serializer.serialize(Error(huey.build_error_result(task, exc)))
     with huey.storage.conn.pipeline(transaction=False) as pipe:
         for job_id in _job_ids(task):
-            if job_id != task.id:
-                pipe.set(huey.storage.result_key(job_id), error, ex=settings.result_ttl_s)
-            results.publish_result(pipe, channel, job_id, results.STORED)
+            _store_result(pipe, job_id, error, channel)
         pipe.execute()
 
 

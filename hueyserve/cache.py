@@ -36,16 +36,10 @@ class PredictionCache:
         self.misses = 0
 
     def get(self, key: CacheKey) -> Any | None:
-        if self.maxsize == 0:
-            return None
-        with self._lock:
-            value = self._entries.get(key)
-        if value is None:
+        value = self.peek(key)
+        if value is None and self.maxsize:
             self.misses += 1
             self._miss.inc()
-        else:
-            self.hits += 1
-            self._hit.inc()
         return value
 
     def peek(self, key: CacheKey) -> Any | None:

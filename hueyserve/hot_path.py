@@ -26,6 +26,14 @@ V1_PREDICT = re.compile(
 class CachedAnswers:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._routes: dict[str, Any] = {}  # route name -> route, for the latency metric
+
+    def _route(self, app: Any, version: str | None) -> Any:
+        """The route FastAPI would have matched (looked up once, not on every hit)."""
+        name = "predict" if version is None else "predict_version"
+        if name not in self._routes:
+            self._routes[name] = next(r for r in app.routes if getattr(r, "name", None) == name)
+        return self._routes[name]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = (
@@ -49,7 +57,7 @@ class CachedAnswers:
         if content is None:
             await self.app(scope, _replay(first, receive), send)
             return
-        scope["route"] = _route(scope["app"], match["version"])  # for the latency metric
+        scope["route"] = self._route(scope["app"], match["version"])
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(content)).encode()),
@@ -94,8 +102,3 @@ def _replay(first: Message, receive: Receive) -> Receive:
         return pending.pop() if pending else await receive()
 
     return replayed
-
-
-def _route(app: Any, version: str | None) -> Any:
-    name = "predict" if version is None else "predict_version"
-    return next(route for route in app.routes if getattr(route, "name", None) == name)

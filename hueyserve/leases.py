@@ -81,13 +81,10 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey's enqueue (scheduled tasks, retries, periodic tasks), ringing the doorbell."""
-        prefix = time.time_ns() // 1000
-        self.enqueue_entry(prefix.to_bytes(PREFIX_BYTES, "big") + data, priority or 0)
-
-    def enqueue_entry(self, entry: bytes, priority: int) -> None:
-        """An entry on the queue, in its place among tasks of its priority."""
+        # Huey's entry layout: a microsecond prefix keeps FIFO order within a priority.
+        entry = (time.time_ns() // 1000).to_bytes(PREFIX_BYTES, "big") + data
         with self.conn.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.queue_key, {entry: -priority})
+            pipe.zadd(self.queue_key, {entry: -(priority or 0)})
             self._ring(pipe)
             pipe.execute()
 

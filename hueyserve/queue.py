@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from hueyserve.errors import QueueFull, RedisUnavailable
 from hueyserve.jobs import CANCEL_SCRIPT, Fields, job_key
 from hueyserve.leases import DOORBELL_TOKENS, doorbell_key
-from hueyserve.results import STORED, ResultListener
+from hueyserve.results import ResultListener
 
 
 @contextlib.asynccontextmanager
@@ -180,8 +180,8 @@ class TaskQueue:
         """The result of a task announced with `reply_to` (a value, or huey's `Error`), or
         EmptyData when it is not there within `timeout_s`."""
         payload = await self.results.wait(task_id, timeout_s)
-        if payload is None or payload == STORED:
-            return await self.result(task_id)  # a last look; errors are read from storage
+        if payload is None:
+            return await self.result(task_id)  # a last look, in case the wake-up was missed
         return self.huey.serializer.deserialize(payload)
 
     async def result(self, task_id: str) -> Any:

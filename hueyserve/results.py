@@ -25,13 +25,12 @@ from hueyserve.errors import RedisUnavailable, ServiceUnavailable
 logger = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process
-STORED = b""  #: payload meaning "the result is stored; read it" (errors)
 
 
 def publish_result(
     conn: redis.Redis | redis.client.Pipeline, channel: str, task_id: str, payload: bytes
 ) -> None:
-    """Worker side: tell the waiting API process (payload: the serialized result, or STORED)."""
+    """Worker side: tell the waiting API process (payload: the serialized result or Error)."""
     conn.publish(channel, task_id.encode() + b" " + payload)
 
 
@@ -66,7 +65,7 @@ class ResultListener:
             future.exception()  # seen: asyncio would log an unretrieved one
 
     async def wait(self, task_id: str, timeout_s: float) -> bytes | None:
-        """The payload once the result is stored (STORED: read it), None on timeout. Raises
+        """The serialized result once it is stored, None on timeout. Raises
         RedisUnavailable if the subscription is lost meanwhile."""
         future = self._waiting[task_id]
         try:

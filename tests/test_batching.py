@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 import core
 from hueyserve import catalog
 from hueyserve.batching import Batcher, Batchers, BatchPolicy
-from hueyserve.gathering import MAX_HOLD_S, Gatherer, GroupKey, Member
+from hueyserve.gathering import MAX_HOLD_S, Gatherer, GroupKey, Member, Send
 from hueyserve.registry import LoadedModel
 from tests.conftest import wait_for
 
@@ -194,11 +194,18 @@ def test_a_failed_enqueue_fails_every_request_of_the_group() -> None:
     assert [type(e) for e in asyncio.run(scenario())] == [ConnectionError] * 3
 
 
-def test_while_groups_await_answers_new_requests_gather() -> None:
+def recorder() -> tuple[list[list[str]], Send]:
+    """A `send` that records the job ids of each group it is given."""
     sent: list[list[str]] = []
 
     async def send(key: GroupKey, members: list[Member]) -> None:
         sent.append([m.job_id for m in members])
+
+    return sent, send
+
+
+def test_while_groups_await_answers_new_requests_gather() -> None:
+    sent, send = recorder()
 
     async def scenario() -> None:
         gatherer = Gatherer(send, max_rows=3, max_in_flight=1)
@@ -220,10 +227,7 @@ def test_while_groups_await_answers_new_requests_gather() -> None:
 def test_a_held_group_goes_after_at_most_the_hold_limit() -> None:
     """A group in flight that never gets answered (a lost task) holds the next one back for
     MAX_HOLD_S, not for the whole predict timeout."""
-    sent: list[list[str]] = []
-
-    async def send(key: GroupKey, members: list[Member]) -> None:
-        sent.append([m.job_id for m in members])
+    sent, send = recorder()
 
     async def scenario() -> float:
         gatherer = Gatherer(send, max_rows=64, max_in_flight=1)
