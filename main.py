@@ -1,37 +1,31 @@
 """The HTTP API. Run: `uvicorn main:app --log-config config/logger.config`.
 
 Routes only: KServe v1, the Open Inference Protocol v2, jobs, the model life cycle and health.
-Bodies live in hueyserve.schemas and hueyserve.v2_protocol, the work in hueyserve.service, and
-every domain error becomes its HTTP answer in the one handler below.
+Paths and who may call them live in hueyserve.api.paths, bodies in hueyserve.api.schemas and
+hueyserve.api.v2, the work in the services of hueyserve.api (inference, jobs, health), and the
+app's lifespan and middleware in hueyserve.api.app. Every domain error becomes its HTTP answer
+in the one handler below.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic.json_schema import models_json_schema
-from redis import RedisError
-from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import core
-from hueyserve import metrics, v2_protocol
-from hueyserve.cache import PredictionCache
-from hueyserve.catalog import ModelCatalog, ModelVersion
-from hueyserve.errors import ServiceError
-from hueyserve.guard import RequestGuard
-from hueyserve.hot_path import CachedAnswers
-from hueyserve.queue import TaskQueue
-from hueyserve.schemas import (
-    ErrorBody,
+from hueyserve import metrics
+from hueyserve.api import paths, v2
+from hueyserve.api.app import create_app
+from hueyserve.api.inference import Prediction
+from hueyserve.api.inputs import check_features
+from hueyserve.api.schemas import (
     JobAccepted,
     JobPublic,
     JobSubmit,
@@ -42,111 +36,27 @@ from hueyserve.schemas import (
     ReloadRequest,
     ReloadResult,
     TrainRequest,
-    v1_predictions,
 )
-from hueyserve.service import MODEL_NAME, Prediction, PredictService, Tasks
+from hueyserve.api.services import Services, Tasks
+from hueyserve.api.v1 import decode_instances, encode_predictions
+from hueyserve.api.validation import parse_json_body, validation_failure
+from hueyserve.errors import ServiceError
+from hueyserve.models import ModelVersion
 from hueyserve.settings import settings
-from hueyserve.validation import parse_json_body, validation_failure
 
 logger = logging.getLogger(__name__)
 
-
-class ModelNameConvertor(StringConvertor):
-    """`{name:model}`: a model name never holds ':' or '/', so `GET /v1/models/m:predict` is
-    a wrong method on the predict route, not a lookup of a model called 'm:predict'."""
-
-    regex = MODEL_NAME.pattern
-
-
-register_url_convertor("model", ModelNameConvertor())
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    queue = TaskQueue(
-        core.huey,
-        url=settings.redis_url,
-        connect_timeout_s=settings.redis_connect_timeout_s,
-        socket_timeout_s=settings.redis_socket_timeout_s,
-        record_ttl_s=settings.result_ttl_s,
-        max_waiters=settings.max_sync_waiters,
-        max_connections=settings.redis_max_connections,
-        pool_timeout_s=settings.redis_pool_timeout_s,
-        max_depth=settings.max_queue_depth,
-    )
-    catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
-    app.state.service = PredictService(
-        settings=settings,
-        queue=queue,
-        catalog=catalog,
-        cache=PredictionCache(settings.cache_size, where="api"),
-        tasks=Tasks(predict=core.predict, train=core.train, reload=core.reload_model),
-    )
-    with contextlib.suppress(ServiceError, RedisError, OSError):
-        await queue.warm()
-        await catalog.resync()  # answer the first request with models known; else follow() retries
-    background = {
-        asyncio.create_task(catalog.follow(), name="model-catalog"),
-        asyncio.create_task(queue.results.run(), name="result-listener"),
-    }
-    with contextlib.suppress(TimeoutError):  # Redis down: requests get 503s until it is back
-        await asyncio.wait_for(queue.results.connected.wait(), timeout=2.0)
-    try:
-        yield
-    finally:
-        for task in background:
-            task.cancel()
-        # Bounded: shutdown must never hang on a Redis call that swallowed the cancellation.
-        await asyncio.wait(background, timeout=2.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(queue.aclose(), timeout=2.0)
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)
-}
-
-app = FastAPI(
-    title="hueyserve",
-    summary="Serve scikit-learn models on CPUs through a Huey task queue on Redis.",
-    version="0.1.0",
-    lifespan=lifespan,
-    responses=ERRORS,
+app = create_app(
+    settings, core.huey, Tasks(predict=core.predict, train=core.train, reload=core.reload_model)
 )
 
 
-def openapi_with_v2_bodies() -> dict[str, Any]:
-    """FastAPI's schema, plus the bodies of the routes that read theirs raw (v2 infer, for
-    binary tensors; v1 predict, to answer repeated bodies before parsing them)."""
-    if app.openapi_schema is None:
-        schema = default_openapi()
-        _, defs = models_json_schema(
-            [(v2_protocol.InferenceRequest, "validation"), (PredictRequest, "validation")],
-            ref_template="#/components/schemas/{model}",
-        )
-        schema["components"]["schemas"].update(defs["$defs"])
-    return app.openapi_schema or {}
+async def get_services(request: Request) -> Services:  # async: no threadpool hop
+    services: Services = request.app.state.services
+    return services
 
 
-default_openapi = app.openapi
-app.openapi = openapi_with_v2_bodies  # type: ignore[method-assign]
-# Outermost last: the timer sees every answer; the guard refuses before the cache reads a body.
-app.add_middleware(CachedAnswers)
-app.add_middleware(
-    RequestGuard,
-    predict_keys=settings.keys("api"),
-    admin_keys=settings.keys("admin"),
-    max_body_bytes=settings.max_body_bytes,
-)
-app.add_middleware(metrics.RequestTimer)
-
-
-async def get_service(request: Request) -> PredictService:  # async: no threadpool hop
-    service: PredictService = request.app.state.service
-    return service
-
-
-Service = Annotated[PredictService, Depends(get_service)]
+Api = Annotated[Services, Depends(get_services)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -183,20 +93,20 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 # --- KServe v1: models and predict -------------------------------------------------------------
 
 
-@app.get("/v1/models", response_model=ModelList, summary="KServe v1: the models served")
-async def list_models(service: Service) -> ModelList:
-    return ModelList(models=sorted(service.catalog.models))
+@app.get(paths.V1_MODELS, response_model=ModelList, summary="KServe v1: the models served")
+async def list_models(api: Api) -> ModelList:
+    return ModelList(models=sorted(api.catalog.models))
 
 
 @app.get(
-    "/v1/models/{name:model}",
+    paths.V1_MODEL,
     response_model=ModelStatus,
     responses={503: {"model": ModelStatus, "description": "Known, but no worker serves it."}},
     summary="KServe v1: is the model ready (503 when not)",
 )
-async def model_status(name: str, service: Service) -> JSONResponse:
-    entry = service.catalog.entry(name)
-    ready = await service.model_ready()
+async def model_status(name: str, api: Api) -> JSONResponse:
+    entry = api.catalog.entry(name)
+    ready = await api.health.model_ready()
     status = ModelStatus(
         name=name, ready=ready, active_version=entry.active, versions=entry.version_list()
     )
@@ -210,7 +120,7 @@ PREDICT_BODY = {
 
 
 @app.post(
-    "/v1/models/{name:model}:predict",
+    paths.V1_PREDICT,
     response_model=PredictResponse,
     responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
     openapi_extra={"requestBody": PREDICT_BODY},
@@ -219,16 +129,16 @@ PREDICT_BODY = {
 async def predict(
     name: str,
     request: Request,
-    service: Service,
+    api: Api,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    model = service.catalog.get(name)
-    return await predict_v1(model, request, service, prefer, idempotency_key)
+    model = api.catalog.get(name)
+    return await predict_v1(model, request, api, prefer, idempotency_key)
 
 
 @app.post(
-    "/v1/models/{name:model}/versions/{version}:predict",
+    paths.V1_PREDICT_VERSION,
     response_model=PredictResponse,
     responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
     openapi_extra={"requestBody": PREDICT_BODY},
@@ -238,94 +148,92 @@ async def predict_version(
     name: str,
     version: str,
     request: Request,
-    service: Service,
+    api: Api,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    model = service.catalog.get(name, version)
-    return await predict_v1(model, request, service, prefer, idempotency_key)
+    model = api.catalog.get(name, version)
+    return await predict_v1(model, request, api, prefer, idempotency_key)
 
 
 async def predict_v1(
     model: ModelVersion,
     request: Request,
-    service: PredictService,
+    api: Services,
     prefer: str | None,
     idempotency_key: str | None,
 ) -> Response:
     """The body is read raw and parsed by pydantic-core straight from the bytes; the answer is
-    kept under those bytes, so hueyserve.hot_path answers them again before any parsing."""
+    kept under those bytes, so hueyserve.api.answers answers them again before any parsing."""
     raw = await request.body()
     body = parse_json_body(PredictRequest, raw, request.headers.get("content-type"))
-    features = service.rows(model, body.instances)
+    features = decode_instances(model, body.instances, max_rows=settings.max_instances)
     if wants_async(prefer):
-        accepted = await service.submit(
+        accepted = await api.jobs.submit(
             model, features, priority=body.priority, deadline_s=body.timeout,
             idempotency_key=idempotency_key,
         )  # fmt: skip
         return accepted_response(accepted)
-    answer = await service.infer(model, features, priority=body.priority, timeout_s=body.timeout)
+    answer = await api.inference.infer(
+        model, features, priority=body.priority, timeout_s=body.timeout
+    )
     # Rendered with orjson straight away: the response model documents the body, and
     # validating our own output once more per request would only cost time.
     content = orjson.dumps(
         {
-            "predictions": v1_predictions(model, answer.outputs),
+            "predictions": encode_predictions(model, answer.outputs),
             "model_name": model.name,
             "model_version": model.version,
         }
     )
-    service.keep_answer(model, raw, content)
+    api.answers.keep(model, raw, content)
     return Response(content, media_type="application/json", headers=answer_headers(answer))
 
 
 # --- Open Inference Protocol v2 ---------------------------------------------------------------
 
 
-@app.get("/v2", response_model=v2_protocol.ServerMetadata, summary="v2: server metadata")
-async def server_metadata() -> v2_protocol.ServerMetadata:
-    return v2_protocol.ServerMetadata(
-        name=app.title, version=app.version, extensions=v2_protocol.EXTENSIONS
-    )
+@app.get(paths.V2_SERVER, response_model=v2.ServerMetadata, summary="v2: server metadata")
+async def server_metadata() -> v2.ServerMetadata:
+    return v2.ServerMetadata(name=app.title, version=app.version, extensions=v2.EXTENSIONS)
 
 
 # Each v2 route comes twice, for the active version and for `/versions/{version}`; the
 # second passes its version to the first.
 
 
-@app.get(
-    "/v2/models/{name:model}", response_model=v2_protocol.ModelMetadata, summary="v2: metadata"
-)
-async def model_metadata(name: str, service: Service) -> v2_protocol.ModelMetadata:
-    return describe(service, name, None)
+@app.get(paths.V2_MODEL, response_model=v2.ModelMetadata, summary="v2: metadata")
+async def model_metadata(name: str, api: Api) -> v2.ModelMetadata:
+    return describe(api, name, None)
 
 
 @app.get(
-    "/v2/models/{name:model}/versions/{version}",
-    response_model=v2_protocol.ModelMetadata,
+    paths.V2_VERSION,
+    response_model=v2.ModelMetadata,
     summary="v2: metadata of one version",
 )
-async def version_metadata(name: str, version: str, service: Service) -> v2_protocol.ModelMetadata:
-    return describe(service, name, version)
+async def version_metadata(name: str, version: str, api: Api) -> v2.ModelMetadata:
+    return describe(api, name, version)
 
 
-def describe(service: PredictService, name: str, version: str | None) -> v2_protocol.ModelMetadata:
-    entry = service.catalog.entry(name)
-    return v2_protocol.model_metadata(entry.get(version), entry.version_list())
+def describe(api: Services, name: str, version: str | None) -> v2.ModelMetadata:
+    entry = api.catalog.entry(name)
+    return v2.model_metadata(entry.get(version), entry.version_list())
 
 
-@app.get("/v2/models/{name:model}/ready", summary="v2: model readiness (503 when not ready)")
-async def model_ready(name: str, service: Service) -> JSONResponse:
-    return await readiness(service, name, None)
+@app.get(paths.V2_MODEL_READY, summary="v2: model readiness (503 when not ready)")
+async def model_ready(name: str, api: Api) -> JSONResponse:
+    return await readiness(api, name, None)
 
 
-@app.get("/v2/models/{name:model}/versions/{version}/ready", summary="v2: version readiness")
-async def version_ready(name: str, version: str, service: Service) -> JSONResponse:
-    return await readiness(service, name, version)
+@app.get(paths.V2_VERSION_READY, summary="v2: version readiness")
+async def version_ready(name: str, version: str, api: Api) -> JSONResponse:
+    return await readiness(api, name, version)
 
 
-async def readiness(service: PredictService, name: str, version: str | None) -> JSONResponse:
-    service.catalog.get(name, version)  # 404 for an unknown model or version
-    ready = await service.model_ready()
+async def readiness(api: Services, name: str, version: str | None) -> JSONResponse:
+    api.catalog.get(name, version)  # 404 for an unknown model or version
+    ready = await api.health.model_ready()
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
@@ -335,31 +243,31 @@ INFER_BODY = {
         "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
         "application/octet-stream": {
             "schema": {"type": "string", "format": "binary"},
-            "description": f"JSON, then binary tensors; JSON length in {v2_protocol.BINARY_HEADER}",
+            "description": f"JSON, then binary tensors; JSON length in {v2.BINARY_HEADER}",
         },
     },
 }
 
 
 @app.post(
-    "/v2/models/{name:model}/infer",
-    response_model=v2_protocol.InferenceResponse,
+    paths.V2_INFER,
+    response_model=v2.InferenceResponse,
     openapi_extra={"requestBody": INFER_BODY},
     summary="v2: infer with the active version (JSON or binary tensors)",
 )
 async def infer(
     name: str,
     request: Request,
-    service: Service,
+    api: Api,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    return await infer_v2(service, name, None, request, prefer, idempotency_key)
+    return await infer_v2(api, name, None, request, prefer, idempotency_key)
 
 
 @app.post(
-    "/v2/models/{name:model}/versions/{version}/infer",
-    response_model=v2_protocol.InferenceResponse,
+    paths.V2_VERSION_INFER,
+    response_model=v2.InferenceResponse,
     openapi_extra={"requestBody": INFER_BODY},
     summary="v2: infer with one version",
 )
@@ -367,15 +275,15 @@ async def infer_version(
     name: str,
     version: str,
     request: Request,
-    service: Service,
+    api: Api,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    return await infer_v2(service, name, version, request, prefer, idempotency_key)
+    return await infer_v2(api, name, version, request, prefer, idempotency_key)
 
 
 async def infer_v2(
-    service: PredictService,
+    api: Services,
     name: str,
     version: str | None,
     request: Request,
@@ -384,97 +292,97 @@ async def infer_v2(
 ) -> Response:
     """The body is read raw: JSON, or JSON then binary tensors (Triton's extension)."""
     body = await request.body()
-    infer_request, binary = v2_protocol.parse_request(
-        body, request.headers.get(v2_protocol.BINARY_HEADER)
-    )
-    model = service.catalog.get(name, version)
-    max_rows = service.settings.max_instances
-    tensor = v2_protocol.decode_features(infer_request, binary, model, max_rows=max_rows)
-    features = service.check(model, tensor)
-    selected = v2_protocol.select_outputs(infer_request, model)
-    plan = v2_protocol.schedule(infer_request.parameters)
+    infer_request, binary = v2.parse_request(body, request.headers.get(v2.BINARY_HEADER))
+    model = api.catalog.get(name, version)
+    max_rows = settings.max_instances
+    tensor = v2.decode_features(infer_request, binary, model, max_rows=max_rows)
+    features = check_features(model, tensor, max_rows=max_rows)
+    selected = v2.select_outputs(infer_request, model)
+    plan = v2.schedule(infer_request.parameters)
     if wants_async(prefer):
-        accepted = await service.submit(
+        accepted = await api.jobs.submit(
             model, features, priority=plan.priority, deadline_s=plan.timeout_s, protocol="v2",
             idempotency_key=idempotency_key,
         )  # fmt: skip
         return accepted_response(accepted)
-    answer = await service.infer(model, features, priority=plan.priority, timeout_s=plan.timeout_s)
-    answer_v2 = v2_protocol.v2_response(
+    answer = await api.inference.infer(
+        model, features, priority=plan.priority, timeout_s=plan.timeout_s
+    )
+    answer_v2 = v2.v2_response(
         model, answer.outputs, request_id=infer_request.id, selected=selected
     )
-    content, header_length = v2_protocol.encode(answer_v2, selected)
+    content, header_length = v2.encode(answer_v2, selected)
     headers = answer_headers(answer)
     if header_length is None:
         return Response(content, media_type="application/json", headers=headers)
-    headers[v2_protocol.BINARY_HEADER] = str(header_length)
+    headers[v2.BINARY_HEADER] = str(header_length)
     return Response(content, media_type="application/octet-stream", headers=headers)
 
 
 # --- jobs -------------------------------------------------------------------------------------
 
 
-@app.post("/v1/jobs", status_code=202, response_model=JobAccepted, summary="Submit an async job")
+@app.post(paths.JOBS, status_code=202, response_model=JobAccepted, summary="Submit an async job")
 async def submit_job(
-    body: JobSubmit, service: Service, idempotency_key: IdempotencyKey = None
+    body: JobSubmit, api: Api, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
-    model = service.catalog.get(body.model, body.version)
-    features = service.rows(model, body.instances)
-    accepted = await service.submit(
+    model = api.catalog.get(body.model, body.version)
+    features = decode_instances(model, body.instances, max_rows=settings.max_instances)
+    accepted = await api.jobs.submit(
         model, features, priority=body.priority, deadline_s=body.timeout,
         idempotency_key=idempotency_key,
     )  # fmt: skip
     return accepted_response(accepted)
 
 
-@app.get("/v1/jobs/{job_id}", response_model=JobPublic, summary="Status and result of a job")
-async def get_job(job_id: str, service: Service) -> JobPublic:
-    return await service.job(job_id)
+@app.get(paths.JOB, response_model=JobPublic, summary="Status and result of a job")
+async def get_job(job_id: str, api: Api) -> JobPublic:
+    return await api.jobs.job(job_id)
 
 
 @app.delete(
-    "/v1/jobs/{job_id}",
+    paths.JOB,
     response_model=JobPublic,
     summary="Cancel a queued job (409 once it runs or has ended)",
 )
-async def cancel_job(job_id: str, service: Service) -> JobPublic:
-    return await service.cancel(job_id)
+async def cancel_job(job_id: str, api: Api) -> JobPublic:
+    return await api.jobs.cancel(job_id)
 
 
 @app.post(
-    "/v1/queue/purge",
+    paths.PURGE,
     summary="Admin: cancel every queued job (running ones finish)",
     response_model=dict[str, int],
 )
-async def purge_queue(service: Service) -> dict[str, int]:
-    return await service.purge()
+async def purge_queue(api: Api) -> dict[str, int]:
+    return await api.jobs.purge()
 
 
 # --- model life cycle -------------------------------------------------------------------------
 
 
 @app.post(
-    "/v1/models/{name:model}/train",
+    paths.V1_TRAIN,
     status_code=202,
     response_model=JobAccepted,
     summary="Train a new version through the queue (low priority); the job names the version",
 )
 async def train(
     name: str,
-    service: Service,
+    api: Api,
     body: TrainRequest | None = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    return accepted_response(await service.train(name, body or TrainRequest(), idempotency_key))
+    return accepted_response(await api.jobs.train(name, body or TrainRequest(), idempotency_key))
 
 
 @app.post(
-    "/v1/models/{name:model}/reload",
+    paths.V1_RELOAD,
     response_model=ReloadResult,
     summary="Make a version active now (pinned), or the newest (unpinned) with no version",
 )
-async def reload(name: str, service: Service, body: ReloadRequest | None = None) -> ReloadResult:
-    result = await service.reload(name, (body or ReloadRequest()).version)
+async def reload(name: str, api: Api, body: ReloadRequest | None = None) -> ReloadResult:
+    result = await api.jobs.reload(name, (body or ReloadRequest()).version)
     return ReloadResult(**result)
 
 
@@ -501,29 +409,29 @@ def accepted_response(accepted: JobAccepted) -> JSONResponse:
 # --- health -------------------------------------------------------------------------------
 
 
-@app.get("/v2/health/live", summary="Liveness: the process answers")
+@app.get(paths.LIVE, summary="Liveness: the process answers")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@app.get("/v2/health/ready", summary="Readiness: Redis, a worker and a model are there")
-async def ready(service: Service) -> JSONResponse:
-    reasons = await service.readiness()
+@app.get(paths.READY, summary="Readiness: Redis, a worker and a model are there")
+async def ready(api: Api) -> JSONResponse:
+    reasons = await api.health.readiness()
     if reasons:
         return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
     return JSONResponse({"ready": True})
 
 
-@app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-async def prometheus(service: Service) -> Response:
+@app.get(paths.METRICS, summary="Prometheus metrics", response_class=PlainTextResponse)
+async def prometheus(api: Api) -> Response:
     with contextlib.suppress(ServiceError):  # Redis down: the rest still reports
-        await service.update_queue_depth()
+        await api.health.update_queue_depth()
     content, media_type = metrics.render()
     return Response(content, media_type=media_type)
 
 
-@app.get("/health", summary="Details: Redis latency, queue depth, workers, models, cache")
-async def health(service: Service) -> JSONResponse:
-    reasons = await service.readiness()
-    details = {"ready": not reasons, "reasons": reasons, **await service.details()}
+@app.get(paths.HEALTH, summary="Details: Redis latency, queue depth, workers, models, cache")
+async def health(api: Api) -> JSONResponse:
+    reasons = await api.health.readiness()
+    details = {"ready": not reasons, "reasons": reasons, **await api.health.details()}
     return JSONResponse(details, status_code=200 if not reasons else 503)

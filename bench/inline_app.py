@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from hueyserve.settings import settings
-from hueyserve.store import ModelStore
+from hueyserve.worker.store import ModelStore
 
 store = ModelStore(settings.model_dir)
 model = store.load("diabetes", store.latest("diabetes") or "1")

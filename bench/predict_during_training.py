@@ -21,7 +21,7 @@ import time
 import httpx2 as httpx
 
 from bench.sync_latency import percentile
-from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve.api.schemas import EXAMPLE_ROWS
 
 PREDICT = "/v1/models/diabetes:predict"
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import httpx2 as httpx
 import numpy as np
 
-from hueyserve.redis_server import EmbeddedRedis, free_port
-from hueyserve.stack import stop
-from hueyserve.store import ModelStore
-from hueyserve.training import ensure_demo_models
+from hueyserve.dev.redis_server import EmbeddedRedis, free_port
+from hueyserve.dev.stack import stop
+from hueyserve.worker.fitting import ensure_demo_models
+from hueyserve.worker.store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -13,7 +13,7 @@ import time
 
 import httpx2 as httpx
 
-from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve.api.schemas import EXAMPLE_ROWS
 
 
 def percentile(values: list[float], pct: int) -> float:

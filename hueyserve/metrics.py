@@ -10,7 +10,6 @@ the tests).
 from __future__ import annotations
 
 import os
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,7 +21,6 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -88,46 +86,3 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-class RequestTimer:
-    """ASGI middleware: REQUEST_SECONDS by route template (`/v1/models/{name}:predict`, so
-    label values stay few), method and status; cheaper than a BaseHTTPMiddleware."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path_format", None) or "unmatched"
-            REQUEST_SECONDS.labels(route, scope["method"], str(status)).observe(
-                time.perf_counter() - started
-            )
-
-
-class Stopwatch:
-    """Start times of running tasks, by task id (pre- and post-execute hooks)."""
-
-    def __init__(self) -> None:
-        self._started: dict[str, float] = {}
-
-    def start(self, task_id: str) -> None:
-        self._started[task_id] = time.perf_counter()
-
-    def stop(self, task_id: str) -> float | None:
-        started = self._started.pop(task_id, None)
-        return None if started is None else time.perf_counter() - started

@@ -1,25 +1,18 @@
-"""Training: which estimators may be trained, how a training job is planned and run, and the
-metadata (signature, metrics, data source) saved with every version.
+"""Training plans: which estimators may be trained and how a training job is planned.
 
 The API plans and validates a job (`plan`, bad parameters are its 422) before enqueueing it;
-a worker runs it (`train`). The plan is stored in the metadata, so a scheduled retrain can
-repeat it on fresh data.
+a worker fits it (hueyserve.worker.fitting). The plan is stored in the metadata, so a
+scheduled retrain can repeat it on fresh data. `TrainPlan` must stay importable from here:
+Huey pickles it into queued train tasks, which a persisted Redis keeps across upgrades.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
-import logging
-import multiprocessing
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sklearn.base import BaseEstimator, is_classifier
+from sklearn.base import BaseEstimator
 from sklearn.ensemble import (
     ExtraTreesClassifier,
     ExtraTreesRegressor,
@@ -29,14 +22,8 @@ from sklearn.ensemble import (
     RandomForestRegressor,
 )
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_score
-from sklearn.model_selection import train_test_split
 
 from hueyserve import datasets
-from hueyserve.catalog import label_datatype
-from hueyserve.store import ModelStore
-
-logger = logging.getLogger(__name__)
 
 #: Estimators a training job may use: each saves with skops and loads with TRUSTED_TYPES.
 ESTIMATORS: dict[str, type[BaseEstimator]] = {
@@ -75,8 +62,6 @@ class TrainPlan:
         saved = metadata.get("training", {}).get("plan")
         return cls(**saved) if saved else None
 
-
-BOOTSTRAPPED_FILE = ".demos"  #: in the store root: demo models already created once
 
 #: The demo models an empty store starts with.
 DEMOS: dict[str, TrainPlan] = {
@@ -147,124 +132,3 @@ def build_estimator(plan: TrainPlan) -> Any:
     except (ValueError, TypeError) as exc:
         raise TrainingError(f"{plan.estimator}: {exc}") from exc
     return estimator
-
-
-def train(plan: TrainPlan, data_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """Fit the plan's estimator on its data set; returns it with the metadata to save."""
-    try:
-        data = datasets.load(plan.dataset, data_dir, plan.target)
-    except datasets.DatasetError as exc:
-        raise TrainingError(str(exc)) from exc
-    estimator = build_estimator(plan)
-    classifier = is_classifier(estimator)
-    if not classifier and data.target.dtype.kind not in "fiu":
-        raise TrainingError(
-            f"{plan.estimator} predicts numbers but column {data.target_name!r} holds labels; "
-            "use a classifier"
-        )
-    x_train, x_test, y_train, y_test = train_test_split(
-        data.features, data.target, test_size=plan.test_size, random_state=plan.random_state
-    )
-    started = time.perf_counter()
-    estimator.fit(x_train, y_train)
-    seconds = time.perf_counter() - started
-    metadata = {
-        "task": "classification" if classifier else "regression",
-        "estimator": plan.estimator,
-        "params": plan.params,
-        **describe(estimator, data.feature_names),
-        "metrics": _metrics(estimator, x_test, y_test, classifier),
-        "training": {
-            "plan": dataclasses.asdict(plan),
-            "fingerprint": data.fingerprint,
-            "n_train": len(x_train),
-            "n_test": len(x_test),
-            "seconds": round(seconds, 3),
-        },
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    return estimator, metadata
-
-
-def describe(estimator: Any, feature_names: list[str]) -> dict[str, Any]:
-    """What the fitted estimator takes and gives, in Open Inference Protocol terms."""
-    n_features = int(estimator.n_features_in_)
-    outputs = [{"name": "predict", "datatype": "FP64", "shape": [-1]}]
-    described: dict[str, Any] = {"features": feature_names, "n_features": n_features}
-    if is_classifier(estimator):
-        classes = np.asarray(estimator.classes_).tolist()
-        outputs = [
-            {"name": "predict", "datatype": label_datatype(classes), "shape": [-1]},
-            {"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(classes)]},
-        ]
-        described["classes"] = classes
-    described["inputs"] = [{"name": "features", "datatype": "FP64", "shape": [-1, n_features]}]
-    described["outputs"] = outputs
-    return described
-
-
-def _metrics(estimator: Any, x: np.ndarray, y: np.ndarray, classifier: bool) -> dict[str, float]:
-    predicted = estimator.predict(x)
-    if classifier:
-        return {
-            "accuracy": round(float(accuracy_score(y, predicted)), 4),
-            "f1_macro": round(float(f1_score(y, predicted, average="macro")), 4),
-        }
-    return {
-        "r2": round(float(r2_score(y, predicted)), 4),
-        "mae": round(float(mean_absolute_error(y, predicted)), 4),
-        "rmse": round(float(np.sqrt(np.mean((y - predicted) ** 2))), 4),
-    }
-
-
-def train_and_save(store: ModelStore, name: str, plan: TrainPlan, data_dir: Path) -> str:
-    """Train a new version of `name` and write it to the store; returns its version."""
-    estimator, metadata = train(plan, data_dir)
-    version = store.save(name, estimator, metadata)
-    logger.info("trained %s version %s: %s", name, version, metadata["metrics"])
-    return version
-
-
-def train_in_child(
-    store: ModelStore,
-    name: str,
-    plan: TrainPlan,
-    data_dir: Path,
-    *,
-    niceness: int,
-    timeout_s: float,
-) -> str:
-    """`train_and_save` in a fresh process at a lower CPU priority, stopped after `timeout_s`.
-    Fitting and saving hold the GIL for long stretches; in a child they cannot slow the
-    predictions this worker process serves, and the OS gives predictions the cores first."""
-    if multiprocessing.current_process().daemon:
-        # `huey_consumer -k process`: a daemon may not start children, and this worker is a
-        # process of its own anyway, so no other worker shares its GIL.
-        return train_and_save(store, name, plan, data_dir)
-    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded process
-    with context.Pool(1, initializer=os.nice, initargs=(niceness,)) as child:
-        pending = child.apply_async(train_and_save, (store, name, plan, data_dir))
-        try:
-            return str(pending.get(timeout_s))
-        except multiprocessing.TimeoutError:
-            raise TrainingError(
-                f"training took longer than {timeout_s:g}s (HUEYSERVE_TRAIN_TIMEOUT_S) and was "
-                "stopped; train a smaller model or raise the limit"
-            ) from None
-
-
-def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:
-    """Train and save each demo model this store has never had (first start, or a store from
-    a release with fewer demos). A demo deleted on purpose is not trained again."""
-    with store.lock():  # several workers may start at once: one trains, the others wait
-        marker = store.root / BOOTSTRAPPED_FILE
-        done = set(marker.read_text().split()) if marker.exists() else set()
-        for name, demo in DEMOS.items():
-            if name in done or store.latest(name) is not None:
-                continue
-            logger.info("model store %s has no %s: training the demo model", store.root, name)
-            estimator, metadata = train(demo, data_dir)
-            version = store.add_version(name, estimator, metadata)
-            logger.info("saved %s version %s: %s", name, version, metadata["metrics"])
-        if not set(DEMOS) <= done:
-            marker.write_text("\n".join(sorted(done | set(DEMOS))) + "\n")

@@ -10,8 +10,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from hueyserve.redis_server import EmbeddedRedis, free_port
+from hueyserve.dev.redis_server import EmbeddedRedis, free_port
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="hueyserve-tests-"))
 REDIS_PORT = free_port()
@@ -40,10 +38,14 @@ from fastapi.testclient import TestClient
 
 import core
 import main
-from hueyserve import catalog
-from hueyserve.registry import LoadedModel
-from hueyserve.store import ModelStore
-from hueyserve.training import ensure_demo_models
+from hueyserve.api.services import Services
+from hueyserve.models import ModelEntry
+from hueyserve.wire import MODELS_KEY
+from hueyserve.worker.fitting import ensure_demo_models
+from hueyserve.worker.publishing import publish
+from hueyserve.worker.registry import LoadedModel
+from hueyserve.worker.store import ModelStore
+from tests.helpers import services_of, wait_for
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,13 +83,13 @@ def demo_models() -> Path:
 
 @pytest.fixture
 def model_store(demo_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelStore:
-    """A private copy of the demo store behind core.store, and empty in-process caches."""
+    """A private copy of the demo store behind the worker's store, and empty in-process caches."""
     root = tmp_path / "models"
     shutil.copytree(demo_models, root)
-    monkeypatch.setattr(core.store, "root", root)
-    core.registry.clear()
-    core.worker_cache.clear()
-    return core.store
+    monkeypatch.setattr(core.worker.store, "root", root)
+    core.worker.registry.clear()
+    core.worker.cache.clear()
+    return core.worker.store
 
 
 @pytest.fixture
@@ -109,7 +111,7 @@ def consumer_factory(
         )
         consumer.start()
         started.append(consumer)
-        wait_for(lambda: redis_conn.exists(catalog.MODELS_KEY), "the worker published its models")
+        wait_for(lambda: redis_conn.exists(MODELS_KEY), "the worker published its models")
         return consumer
 
     yield start
@@ -132,6 +134,12 @@ def client(consumer: Any) -> Iterator[TestClient]:
 
 
 @pytest.fixture
+def services(client: TestClient) -> Services:
+    """The API process's services behind `client` (its queue, catalog, caches)."""
+    return services_of(client)
+
+
+@pytest.fixture
 def serve_model(
     redis_conn: redis.Redis,
 ) -> Iterator[Callable[..., None]]:
@@ -141,58 +149,12 @@ def serve_model(
 
     def serve(name: str, estimator: Any, *, n_features: int, client: TestClient) -> None:
         metadata = {"n_features": n_features, "features": [f"x{i}" for i in range(n_features)]}
-        core.registry.register(LoadedModel(name, "1", estimator, metadata))
-        catalog.publish(redis_conn, catalog.ModelEntry(name, "1", {"1": metadata}))
+        core.worker.registry.register(LoadedModel(name, "1", estimator, metadata))
+        publish(redis_conn, ModelEntry(name, "1", {"1": metadata}))
         names.append(name)
-        service = client.app.state.service  # type: ignore[attr-defined]
-        wait_for(lambda: name in service.catalog.models, f"the API sees model {name!r}")
+        catalog = services_of(client).catalog
+        wait_for(lambda: name in catalog.models, f"the API sees model {name!r}")
 
     yield serve
     for name in names:
-        core.registry.unregister(name)
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll `condition` until it is truthy; fail with `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-class GateModel:
-    """Test-only model: the first call blocks until `release` is set; every call is logged.
-
-    Predicts the first feature of each row, so the log shows which job ran when.
-    """
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.started = threading.Event()
-        self.calls: list[float] = []
-        self._lock = threading.Lock()
-
-    def predict(self, features: Any) -> Any:
-        with self._lock:
-            self.calls.append(float(features[0][0]))
-        self.started.set()
-        self.release.wait(timeout=30)
-        return features[:, 0]
-
-
-class FlakyModel:
-    """Test-only model: fails its first `failures` calls, then sums each row."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.calls = 0
-
-    def predict(self, features: Any) -> Any:
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise RuntimeError(f"flaky failure {self.calls}")
-        return features.sum(axis=1)
+        core.worker.registry.unregister(name)

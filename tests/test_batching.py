@@ -15,11 +15,13 @@ import redis
 from fastapi.testclient import TestClient
 
 import core
-from hueyserve import catalog
-from hueyserve.batching import Batcher, Batchers, BatchPolicy
-from hueyserve.gathering import MAX_HOLD_S, Gatherer, GroupKey, Member, Send
-from hueyserve.registry import LoadedModel
-from tests.conftest import wait_for
+import main
+from hueyserve import models
+from hueyserve.api.grouping import MAX_HOLD_S, Grouper, GroupKey, Member, SendGroup
+from hueyserve.worker import publishing
+from hueyserve.worker.batching import Batcher, Batchers, BatchPolicy
+from hueyserve.worker.registry import LoadedModel
+from tests.helpers import wait_for
 
 
 class RecordingModel:
@@ -131,26 +133,20 @@ def test_concurrent_http_requests_are_batched_in_the_worker(
 ) -> None:
     consumer_factory(workers=8)
     model = RecordingModel()
-    with TestClient(core_app()) as client, ThreadPoolExecutor(8) as pool:
+    with TestClient(main.app) as client, ThreadPoolExecutor(8) as pool:
         serve_model("rec", model, n_features=1, client=client)
         # Every request its own task at once, so the worker has tasks to batch; the API's
         # grouping of requests has tests of its own below.
-        client.app.state.service.gatherer.max_in_flight = 0  # type: ignore[attr-defined]
+        client.app.state.service.inference.grouper.max_in_flight = 0  # type: ignore[attr-defined]
         post = lambda v: client.post("/v1/models/rec:predict", json={"instances": [[v]]})  # noqa: E731
         first = pool.submit(post, 0.0)
         assert model.started.wait(10)
         rest = [pool.submit(post, float(i)) for i in range(1, 8)]
-        wait_for(lambda: core.batchers.get("rec", "1").rows_waiting == 7, "7 rows")
+        wait_for(lambda: core.worker.predictor.batchers.get("rec", "1").rows_waiting == 7, "7 rows")
         model.release.set()
         responses = [first.result(), *(future.result() for future in rest)]
     assert [r.json()["predictions"] for r in responses] == [[2.0 * i] for i in range(8)]
     assert model.batches == [1, 7]
-
-
-def core_app() -> Any:
-    import main
-
-    return main.app
 
 
 # --- the API side: sync misses that arrive together travel as one task ----------------------
@@ -163,7 +159,7 @@ def test_requests_of_one_turn_form_one_group_per_key() -> None:
         sent.append((key, [m.job_id for m in members]))
 
     async def scenario() -> None:
-        gatherer = Gatherer(send, max_rows=4, max_in_flight=0)
+        gatherer = Grouper(send, max_rows=4, max_in_flight=0)
         rows = np.zeros((1, 1))
         same_turn = [gatherer.add(("m", "1", 10), f"a{i}", rows) for i in range(3)]
         same_turn.append(gatherer.add(("m", "1", 90), "urgent", rows))  # another priority
@@ -187,14 +183,14 @@ def test_a_failed_enqueue_fails_every_request_of_the_group() -> None:
         raise ConnectionError("Redis is down")
 
     async def scenario() -> list[Any]:
-        gatherer = Gatherer(send, max_rows=16, max_in_flight=0)
+        gatherer = Grouper(send, max_rows=16, max_in_flight=0)
         members = [gatherer.add(("m", "1", 10), str(i), np.zeros((1, 1))) for i in range(3)]
         return await asyncio.gather(*(m.enqueued for m in members), return_exceptions=True)
 
     assert [type(e) for e in asyncio.run(scenario())] == [ConnectionError] * 3
 
 
-def recorder() -> tuple[list[list[str]], Send]:
+def recorder() -> tuple[list[list[str]], SendGroup]:
     """A `send` that records the job ids of each group it is given."""
     sent: list[list[str]] = []
 
@@ -208,7 +204,7 @@ def test_while_groups_await_answers_new_requests_gather() -> None:
     sent, send = recorder()
 
     async def scenario() -> None:
-        gatherer = Gatherer(send, max_rows=3, max_in_flight=1)
+        gatherer = Grouper(send, max_rows=3, max_in_flight=1)
         rows = np.zeros((1, 1))
         first = gatherer.add(("m", "1", 10), "first", rows)
         await first.enqueued
@@ -230,7 +226,7 @@ def test_a_held_group_goes_after_at_most_the_hold_limit() -> None:
     sent, send = recorder()
 
     async def scenario() -> float:
-        gatherer = Gatherer(send, max_rows=64, max_in_flight=1)
+        gatherer = Grouper(send, max_rows=64, max_in_flight=1)
         rows = np.zeros((1, 1))
         await gatherer.add(("m", "1", 10), "lost", rows).enqueued  # never answered
         started = time.monotonic()
@@ -250,7 +246,7 @@ def test_a_request_that_gives_up_leaves_its_group_and_nothing_waits_forever() ->
         sent.append([m.job_id for m in members])
 
     async def scenario() -> None:
-        gatherer = Gatherer(send, max_rows=64, max_in_flight=1)
+        gatherer = Grouper(send, max_rows=64, max_in_flight=1)
         rows = np.zeros((1, 1))
         first = gatherer.add(("m", "1", 10), "first", rows)
         await first.enqueued
@@ -276,19 +272,19 @@ def test_a_group_is_one_task_and_each_request_keeps_its_own_job(
     model = RecordingModel()
     model.release.set()
     metadata = {"n_features": 1, "features": ["x0"]}
-    core.registry.register(LoadedModel("group", "1", model, metadata))
-    catalog.publish(redis_conn, catalog.ModelEntry("group", "1", {"1": metadata}))
+    core.worker.registry.register(LoadedModel("group", "1", model, metadata))
+    publishing.publish(redis_conn, models.ModelEntry("group", "1", {"1": metadata}))
     import main
 
     async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], int]:
         async with main.lifespan(main.app):
-            service = main.app.state.service
+            service = main.app.state.services
             async with asyncio.timeout(10):
                 while "group" not in service.catalog.models:
                     await asyncio.sleep(0.02)
             transport = httpx.ASGITransport(app=main.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
-                enqueued = service.enqueued
+                enqueued = service.queue.enqueued
                 values = [1.0, 2.0, 3.0, -1.0, 4.0]
                 answers = await asyncio.gather(
                     *(
@@ -296,14 +292,14 @@ def test_a_group_is_one_task_and_each_request_keeps_its_own_job(
                         for v in values
                     )
                 )
-                tasks = service.enqueued - enqueued
+                tasks = service.queue.enqueued - enqueued
                 jobs = [await http.get(f"/v1/jobs/{r.headers['X-Job-Id']}") for r in answers]
         return answers, jobs, tasks
 
     try:
         answers, jobs, tasks = asyncio.run(scenario())
     finally:
-        core.registry.unregister("group")
+        core.worker.registry.unregister("group")
     assert tasks == 1
     # The group's rows in one call; it failed (-1), so halves until the bad row is alone.
     assert model.batches == [5, 2, 3, 1, 2, 1, 1]

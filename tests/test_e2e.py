@@ -25,11 +25,12 @@ import redis
 
 import core
 from hueyserve import training
-from hueyserve.redis_server import free_port
-from hueyserve.schemas import EXAMPLE_ROWS
-from hueyserve.stack import stop
-from hueyserve.store import ModelStore
-from tests.conftest import wait_for
+from hueyserve.api.schemas import EXAMPLE_ROWS
+from hueyserve.dev.redis_server import free_port
+from hueyserve.dev.stack import stop
+from hueyserve.worker import fitting
+from hueyserve.worker.store import ModelStore
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -133,7 +134,7 @@ def test_standard_v2_client_gets_correct_predictions(stack: Stack, tmp_path: Pat
     base = stack.base
     store = ModelStore(tmp_path / "models")
     for name, plan in training.DEMOS.items():  # a second version, dropped in by hand
-        store.save(name, *training.train(replace(plan, random_state=7), Path()))
+        store.save(name, *fitting.train(replace(plan, random_state=7), Path()))
     core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute
     client = triton.InferenceServerClient(url=base.removeprefix("http://"))
     try:
@@ -231,7 +232,7 @@ def test_hot_reload_under_load_fails_no_request(stack: Stack, tmp_path: Path) ->
             switches.append((asked, time.monotonic(), response.json()["active_version"]))
     time.sleep(0.4)
     store.save(
-        "diabetes", *training.train(replace(training.DEMOS["diabetes"], random_state=3), Path())
+        "diabetes", *fitting.train(replace(training.DEMOS["diabetes"], random_state=3), Path())
     )
     refreshed_at = time.monotonic()
     core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute

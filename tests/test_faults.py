@@ -26,13 +26,10 @@ import pytest
 import redis
 
 import core
-from hueyserve import leases
-from hueyserve.redis_server import EmbeddedRedis, free_port
-from hueyserve.stack import stop
-from tests.conftest import wait_for
-from tests.test_e2e import BIN, spawn
-
-PREDICT = "/v1/models/diabetes:predict"
+from hueyserve import wire
+from hueyserve.dev.redis_server import EmbeddedRedis, free_port
+from hueyserve.dev.stack import stop
+from tests.helpers import BIN, PREDICT, spawn, wait_for
 
 
 class FaultStack:
@@ -93,7 +90,7 @@ def faults(tmp_path: Path, demo_models: Path) -> Iterator[FaultStack]:
 
 def lease_count(conn: redis.Redis) -> int:
     """Leases held in the fault stack's Redis (same queue name as this process's)."""
-    return int(conn.zcard(leases.leases_key(core.huey.storage.queue_key)))
+    return int(conn.zcard(wire.leases_key(core.huey.storage.queue_key)))
 
 
 def rows(n: int, seed: int) -> list[list[float]]:

@@ -15,13 +15,13 @@ from fastapi.testclient import TestClient
 
 import core
 import main
-from hueyserve import catalog
-from hueyserve.registry import ModelRegistry
-from hueyserve.schemas import EXAMPLE_ROWS
+from hueyserve import wire
+from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
-from hueyserve.store import ModelStore
-from tests.conftest import wait_for
-from tests.test_main import PREDICT, poll_job
+from hueyserve.worker import publishing
+from hueyserve.worker.registry import ModelRegistry
+from hueyserve.worker.store import ModelStore
+from tests.helpers import PREDICT, poll_job, services_of, wait_for
 
 
 def train(client: TestClient, name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def train(client: TestClient, name: str, body: dict[str, Any]) -> dict[str, Any]
 
 
 def active(client: TestClient, name: str) -> str:
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = services_of(client)
     return str(service.catalog.get(name).version)
 
 
@@ -158,7 +158,7 @@ def test_a_version_that_does_not_load_is_refused(
     train(client, "iris", {})
     wait_for(lambda: active(client, "iris") == "2", "version 2")
     (model_store.root / "iris" / "1" / "model.skops").write_bytes(b"not a model")
-    core.registry.clear()
+    core.worker.registry.clear()
     response = client.post("/v1/models/iris/reload", json={"version": "1"})
     assert response.status_code == 409 and "does not load" in response.json()["error"]
     assert client.get("/v1/models/iris").json()["active_version"] == "2"
@@ -181,9 +181,9 @@ def test_entries_in_an_old_format_are_republished(
 ) -> None:
     """Redis kept (AOF) what an older release wrote: nothing crashes, workers rewrite it."""
     old = b'{"name": "diabetes", "version": "1", "metadata": {"n_features": 10}}'
-    redis_conn.hset(catalog.MODELS_KEY, "diabetes", old)
+    redis_conn.hset(wire.MODELS_KEY, "diabetes", old)
     consumer_factory(workers=1)
-    wait_for(lambda: "diabetes" in catalog.entries(redis_conn), "the entry to be republished")
+    wait_for(lambda: "diabetes" in publishing.entries(redis_conn), "the entry to be republished")
     with TestClient(main.app) as client:
         response = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
         assert response.status_code == 200, response.text
@@ -194,7 +194,7 @@ def test_a_model_removed_from_the_store_is_unpublished(
 ) -> None:
     shutil.rmtree(model_store.root / "iris")
     core.refresh_models.call_local()
-    assert set(catalog.entries(redis_conn)) == {"diabetes"}
+    assert set(publishing.entries(redis_conn)) == {"diabetes"}
     wait_for(lambda: client.get("/v1/models").json() == {"models": ["diabetes"]}, "withdrawal")
 
 

@@ -15,23 +15,20 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import core
-from hueyserve import catalog
-from hueyserve.schemas import EXAMPLE_ROWS
+import main
+from hueyserve import wire
+from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
-from hueyserve.store import ModelStore
-from tests.conftest import FlakyModel, GateModel, wait_for
-from tests.test_store import train_diabetes
-
-PREDICT = "/v1/models/diabetes:predict"
-
-
-def poll_job(client: TestClient, job_id: str, status: str = "done") -> dict[str, Any]:
-    def finished() -> dict[str, Any] | None:
-        body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
-        return body if body["status"] == status else None
-
-    result: dict[str, Any] = wait_for(finished, f"job {job_id} to be {status}")
-    return result
+from hueyserve.worker.store import ModelStore
+from tests.helpers import (
+    PREDICT,
+    FlakyModel,
+    GateModel,
+    poll_job,
+    services_of,
+    train_diabetes,
+    wait_for,
+)
 
 
 def test_sync_predict_matches_model(client: TestClient, model_store: ModelStore) -> None:
@@ -68,16 +65,16 @@ def test_jobs_endpoint_submits_explicitly(client: TestClient) -> None:
 
 
 def test_cache_hit_skips_enqueue(client: TestClient, redis_conn: redis.Redis) -> None:
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = services_of(client)
     first = client.post(PREDICT, json={"instances": [[1, 0, 2, 0, 0, 0, 0, 0, 0, 0]]})
     assert first.headers["X-Cache"] == "miss"
-    enqueued = service.enqueued
+    enqueued = service.queue.enqueued
     # the same values written differently (ints, then floats) are the same canonical input
     second = client.post(PREDICT, json={"instances": [[1.0, 0.0, 2.0] + [0.0] * 7]})
     assert second.headers["X-Cache"] == "hit"
     assert "X-Job-Id" not in second.headers
     assert second.json() == first.json()
-    assert service.enqueued == enqueued
+    assert service.queue.enqueued == enqueued
     assert client.get("/health").json()["cache"]["hits"] == 1
 
 
@@ -86,7 +83,7 @@ def test_high_priority_runs_first(
 ) -> None:
     consumer_factory(workers=1)
     gate = GateModel()
-    with TestClient(main_app()) as client:
+    with TestClient(main.app) as client:
         serve_model("gate", gate, n_features=1, client=client)
         blocker = submit(client, "gate", 0.0, priority=0)
         assert gate.started.wait(10), "the only worker never started the blocking job"
@@ -124,7 +121,7 @@ def test_refresh_serves_new_version_without_stale_cache(
     model, metadata = train_diabetes(n_estimators=5)
     assert model_store.save("diabetes", model, metadata) == "2"
     core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = services_of(client)
     wait_for(lambda: service.catalog.get("diabetes").version == "2", "the API to see version 2")
     new = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
     assert new.headers["X-Cache"] == "miss" and new.headers["X-Model-Version"] == "2"
@@ -240,7 +237,7 @@ def test_health_reports_ready_with_details(client: TestClient) -> None:
 
 
 def test_not_ready_without_a_worker(redis_conn: redis.Redis, model_store: ModelStore) -> None:
-    with TestClient(main_app()) as client:
+    with TestClient(main.app) as client:
         response = client.get("/v2/health/ready")
     assert response.status_code == 503
     assert response.json()["ready"] is False
@@ -312,8 +309,8 @@ def test_worker_started_before_redis_gets_ready(
     finally:
         redis_server.start()
     try:
-        wait_for(lambda: redis_conn.exists(catalog.MODELS_KEY), "models published", 20)
-        with TestClient(main_app()) as client:
+        wait_for(lambda: redis_conn.exists(wire.MODELS_KEY), "models published", 20)
+        with TestClient(main.app) as client:
             wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness", 20)
             assert client.post(PREDICT, json={"instances": EXAMPLE_ROWS}).status_code == 200
     finally:
@@ -335,17 +332,11 @@ def submit(client: TestClient, model: str, value: float, *, priority: int) -> st
     return job_id
 
 
-def main_app() -> Any:
-    import main
-
-    return main.app
-
-
 def test_identical_requests_in_flight_share_one_task(client: TestClient, serve_model: Any) -> None:
     gate = GateModel()
     serve_model("gate", gate, n_features=1, client=client)
-    service = client.app.state.service  # type: ignore[attr-defined]
-    enqueued = service.enqueued
+    service = services_of(client)
+    enqueued = service.queue.enqueued
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(client.post, "/v1/models/gate:predict", json={"instances": [[7]]})
         assert gate.started.wait(10)
@@ -353,13 +344,13 @@ def test_identical_requests_in_flight_share_one_task(client: TestClient, serve_m
             pool.submit(client.post, "/v1/models/gate:predict", json={"instances": [[7]]})
             for _ in range(4)
         ]
-        wait_for(lambda: service.cache.misses >= 5, "the four to look up the cache")
+        wait_for(lambda: service.inference.cache.misses >= 5, "the four to look up the cache")
         gate.release.set()
         responses = [first.result(), *(other.result() for other in others)]
     assert [r.json()["predictions"] for r in responses] == [[7.0]] * 5
     assert [r.headers["X-Cache"] for r in responses] == ["miss"] + ["coalesced"] * 4
     assert len({r.headers["X-Job-Id"] for r in responses}) == 1
-    assert gate.calls == [7.0] and service.enqueued == enqueued + 1
+    assert gate.calls == [7.0] and service.queue.enqueued == enqueued + 1
 
 
 def test_requests_sharing_a_task_share_its_error(client: TestClient, serve_model: Any) -> None:
@@ -419,13 +410,13 @@ def test_a_joined_request_outlives_a_short_leader(client: TestClient, serve_mode
     as long as it asked and gets the answer."""
     gate = GateModel()
     serve_model("gate", gate, n_features=1, client=client)
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = services_of(client)
     with ThreadPoolExecutor(2) as pool:
         body = {"instances": [[5]]}
         short = pool.submit(client.post, "/v1/models/gate:predict", json={**body, "timeout": 0.3})
         assert gate.started.wait(10)
         patient = pool.submit(client.post, "/v1/models/gate:predict", json=body)
-        wait_for(lambda: service.cache.misses >= 2, "the second request to join")
+        wait_for(lambda: service.inference.cache.misses >= 2, "the second request to join")
         assert short.result().status_code == 504
         gate.release.set()
         answer = patient.result()
@@ -436,7 +427,7 @@ def test_a_joined_request_outlives_a_short_leader(client: TestClient, serve_mode
 def test_result_listener_survives_a_bad_message_and_a_killed_connection(
     client: TestClient, redis_conn: redis.Redis
 ) -> None:
-    listener = client.app.state.service.queue.results  # type: ignore[attr-defined]
+    listener = services_of(client).queue.results
     redis_conn.publish(listener.channel, b"\xff\xfe not a task id")
     assert redis_conn.client_kill_filter(_type="pubsub") >= 1
     wait_for(lambda: listener.connected.is_set(), "the listener to resubscribe")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from hueyserve.redis_server import EmbeddedRedis
+from hueyserve.dev.redis_server import EmbeddedRedis
 
 
 def test_embedded_redis_keeps_data_across_restart(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ import redis
 from fastapi.testclient import TestClient
 
 import core
-from hueyserve import jobs
+import main
+from hueyserve import wire
 from hueyserve.settings import settings
-from tests.conftest import GateModel, wait_for
-from tests.test_main import main_app, poll_job
+from tests.helpers import GateModel, poll_job, services_of, wait_for
 
 
 class Gated(NamedTuple):
@@ -30,7 +30,7 @@ def gated(consumer_factory: Any, serve_model: Any) -> Iterator[Gated]:
     """One worker, busy with a job on the `gate` model until the test releases it."""
     consumer_factory(workers=1)
     gate = GateModel()
-    with TestClient(main_app()) as client:
+    with TestClient(main.app) as client:
         serve_model("gate", gate, n_features=1, client=client)
         blocker = submit(client, 0.0)
         assert gate.started.wait(10), "the only worker never started the blocking job"
@@ -85,7 +85,7 @@ def test_a_job_cancelled_after_the_revoke_check_still_does_not_run(
     revoke key exists. The worker's atomic start still refuses to run it."""
     client, gate, _ = gated
     job_id = submit(client, 3.0)
-    redis_conn.hset(jobs.job_key(job_id), "status", "cancelled")
+    redis_conn.hset(wire.job_key(job_id), "status", "cancelled")
     gate.release.set()
     later = submit(client, 4.0)
     poll_job(client, later)
@@ -109,7 +109,7 @@ def test_a_job_past_its_deadline_is_not_run_and_reads_expired(
 
 def test_a_full_queue_refuses_with_retry_after(gated: Gated) -> None:
     client = gated.client
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = services_of(client)
     service.queue.max_depth = 2
     try:
         submit(client, 7.0, priority=5)
@@ -130,8 +130,8 @@ def test_a_retried_submission_with_the_same_idempotency_key_is_the_same_job(
     gated: Gated, redis_conn: redis.Redis
 ) -> None:
     client, gate, _ = gated
-    service = client.app.state.service  # type: ignore[attr-defined]
-    enqueued = service.enqueued
+    service = services_of(client)
+    enqueued = service.queue.enqueued
     key = {"Idempotency-Key": "order-42"}
     body = {"model": "gate", "instances": [[12.0]]}
     first = client.post("/v1/jobs", json=body, headers=key)
@@ -151,7 +151,7 @@ def test_a_retried_submission_with_the_same_idempotency_key_is_the_same_job(
     assert v1_again.json()["job_id"] == v1_async.json()["job_id"]
     other = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-44"})
     assert other.json()["job_id"] != first.json()["job_id"]
-    assert service.enqueued == enqueued + 3
+    assert service.queue.enqueued == enqueued + 3
     too_long = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k" * 201})
     assert too_long.status_code == 422 and "idempotency-key" in too_long.json()["error"]
     assert redis_conn.zcard(core.huey.storage.queue_key) == 3  # the retries queued nothing
@@ -165,14 +165,14 @@ def test_a_retried_submission_with_the_same_idempotency_key_is_the_same_job(
 def lost_task(client: TestClient, value: float, *, deaths: int) -> str:
     """An async job as a worker that took it and died would leave it: no longer queued, its
     lease expired, its workers having died `deaths` times before."""
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = services_of(client)
     service.queue.max_depth = 0
     job_id = submit(client, value)
     conn = core.huey.storage.conn
     entry, score = conn.zpopmin(core.huey.storage.queue_key)[0]
     assert score == -settings.async_priority
     record = {"status": "running", "attempts": deaths + 1, "lost": deaths}
-    conn.hset(jobs.job_key(job_id), mapping=record)  # first: a reaper may look at once
+    conn.hset(wire.job_key(job_id), mapping=record)  # first: a reaper may look at once
     conn.zadd(core.huey.storage.leases_key, {entry: time.time() - 1})  # expired a second ago
     return job_id
 
@@ -180,9 +180,9 @@ def lost_task(client: TestClient, value: float, *, deaths: int) -> str:
 def test_a_task_whose_worker_died_is_queued_again_and_completes(gated: Gated) -> None:
     client, gate, _ = gated
     job_id = lost_task(client, 21.0, deaths=0)
-    core.reap_lost_tasks()  # what every heartbeat does
+    core.worker.lifecycle.reap_lost_tasks()  # what every heartbeat does
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
-    record = core.huey.storage.conn.hgetall(jobs.job_key(job_id))
+    record = core.huey.storage.conn.hgetall(wire.job_key(job_id))
     assert b"worker_lost" in record[b"error"]  # why it runs again
     gate.release.set()
     done = poll_job(client, job_id)
@@ -193,7 +193,7 @@ def test_a_task_whose_worker_died_is_queued_again_and_completes(gated: Gated) ->
 def test_a_task_whose_worker_keeps_dying_fails_with_worker_lost(gated: Gated) -> None:
     client, gate, _ = gated
     job_id = lost_task(client, 22.0, deaths=settings.max_attempts - 1)
-    core.reap_lost_tasks()
+    core.worker.lifecycle.reap_lost_tasks()
     failed = client.get(f"/v1/jobs/{job_id}").json()
     assert failed["status"] == "failed" and failed["error"].startswith("worker_lost")
     gate.release.set()

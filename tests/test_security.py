@@ -16,13 +16,12 @@ from fastapi.testclient import TestClient
 from huey.serializer import Serializer, SignedSerializer
 
 import core
-from hueyserve.guard import RequestGuard
-from hueyserve.schemas import EXAMPLE_ROWS
+import main
+from hueyserve.api.guard import RequestGuard
+from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
-from tests.conftest import GateModel
-from tests.test_main import main_app, poll_job
+from tests.helpers import PREDICT, GateModel, poll_job
 
-PREDICT = "/v1/models/diabetes:predict"
 BODY = {"instances": EXAMPLE_ROWS}
 
 
@@ -30,7 +29,7 @@ BODY = {"instances": EXAMPLE_ROWS}
 def keyed(consumer: Any) -> Iterator[TestClient]:
     """The real app behind a guard with one predict key and one admin key."""
     guarded = RequestGuard(
-        main_app(),
+        main.app,
         predict_keys=frozenset({"p-key"}),
         admin_keys=frozenset({"a-key"}),
         max_body_bytes=settings.max_body_bytes,
@@ -99,7 +98,7 @@ def test_a_forged_message_is_rejected_and_logged_never_run(
     consumer_factory(workers=1)
     gate = GateModel()
     gate.release.set()
-    with TestClient(main_app()) as client, caplog.at_level(logging.ERROR, "huey.consumer"):
+    with TestClient(main.app) as client, caplog.at_level(logging.ERROR, "huey.consumer"):
         serve_model("gate", gate, n_features=1, client=client)
         forged = core.predict.s("gate", "1", np.array([[42.0]]))
         unsigned = Serializer().serialize(core.huey._registry.create_message(forged))

@@ -5,20 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from sklearn.preprocessing import FunctionTransformer
 
-from hueyserve.store import ModelStore, UntrustedModelFile
-from hueyserve.training import DEMOS, TrainPlan, ensure_demo_models, train
-
-
-def train_diabetes(n_estimators: int) -> tuple[Any, dict[str, Any]]:
-    return train(
-        TrainPlan("diabetes", "RandomForestRegressor", {"n_estimators": n_estimators}), Path()
-    )
+from hueyserve.training import DEMOS
+from hueyserve.worker.fitting import ensure_demo_models
+from hueyserve.worker.store import ModelStore, UntrustedModelFile
+from tests.helpers import train_diabetes
 
 
 def test_versions_count_up_and_newest_wins(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from hueyserve.catalog import ModelVersion
-from hueyserve.schemas import EXAMPLE_ROWS
-from hueyserve.store import ModelStore
-from tests.test_main import poll_job
+from hueyserve.api.schemas import EXAMPLE_ROWS
+from hueyserve.models import ModelVersion
+from hueyserve.worker.store import ModelStore
+from tests.helpers import poll_job
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 INFER = "/v2/models/diabetes/infer"

@@ -1,8 +1,8 @@
 """Waiting for results without a thread or a connection per request.
 
 Each API process subscribes once to its own channel and names it in the tasks it waits for
-(`reply_to`). When a worker has stored such a task's result, it publishes the task id and the
-serialized result there (`publish_result`, a Huey post-execute hook in core.py); the
+(`reply_to`). When a worker has stored such a job's result, it publishes the job id and the
+serialized result there (`wire.result_message`, from hueyserve.worker.lifecycle); the
 listener resolves the waiting future. A thousand waiting requests are a thousand futures.
 
 Pub/sub drops messages while a subscriber is disconnected, so a lost subscription fails
@@ -21,17 +21,9 @@ import redis
 import redis.asyncio as aioredis
 
 from hueyserve.errors import RedisUnavailable, ServiceUnavailable
+from hueyserve.wire import RESULT_CHANNEL_PREFIX, parse_result_message
 
 logger = logging.getLogger(__name__)
-
-CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process
-
-
-def publish_result(
-    conn: redis.Redis | redis.client.Pipeline, channel: str, task_id: str, payload: bytes
-) -> None:
-    """Worker side: tell the waiting API process (payload: the serialized result or Error)."""
-    conn.publish(channel, task_id.encode() + b" " + payload)
 
 
 class ResultListener:
@@ -40,7 +32,7 @@ class ResultListener:
     def __init__(self, subscriber: aioredis.Redis, *, max_waiting: int) -> None:
         self.subscriber = subscriber
         self.max_waiting = max_waiting
-        self.channel = CHANNEL_PREFIX + uuid.uuid4().hex
+        self.channel = RESULT_CHANNEL_PREFIX + uuid.uuid4().hex
         self.connected = asyncio.Event()
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
 
@@ -99,9 +91,7 @@ class ResultListener:
                 # timeout and notices a dead connection.
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
-                    # Task ids are UUIDs (no spaces); the payload may hold any byte.
-                    task_id, _, payload = bytes(message["data"]).partition(b" ")
-                    self._resolve(task_id.decode(errors="replace"), payload)
+                    self._resolve(*parse_result_message(bytes(message["data"])))
         finally:
             self.connected.clear()
             with contextlib.suppress(Exception):

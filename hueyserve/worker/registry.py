@@ -13,10 +13,8 @@ from typing import Any
 import numpy as np
 from cachetools import LRUCache
 
-from hueyserve.store import ModelStore
-
-#: A model's answer: output name -> one value per input row (a column, not rows).
-Outputs = dict[str, list[Any]]
+from hueyserve.models import Outputs
+from hueyserve.worker.store import ModelStore
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, features: np.ndarray) -> Outputs:
-        """Every output the model has, by name (see `training.describe`), one entry per row."""
+        """Every output the model has, by name (see `fitting.describe`), one entry per row."""
         outputs: Outputs = {"predict": self.estimator.predict(features).tolist()}
         if self.metadata.get("task") == "classification":
             outputs["predict_proba"] = self.estimator.predict_proba(features).tolist()

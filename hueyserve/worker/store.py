@@ -71,8 +71,8 @@ class ModelStore:
         untrusted = set(skops.io.get_untrusted_types(file=path)) - set(TRUSTED_TYPES)
         if untrusted:
             raise UntrustedModelFile(
-                f"{path} needs types that are not trusted: {sorted(untrusted)}; "
-                "add them to hueyserve.store.TRUSTED_TYPES only if you trust the file's origin"
+                f"{path} needs types that are not trusted: {sorted(untrusted)}; add them to "
+                "hueyserve.worker.store.TRUSTED_TYPES only if you trust the file's origin"
             )
         return skops.io.load(path, trusted=TRUSTED_TYPES)
 

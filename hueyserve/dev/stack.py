@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from hueyserve.redis_server import EmbeddedRedis
+from hueyserve.dev.redis_server import EmbeddedRedis
 from hueyserve.settings import settings
 
 METRICS_DIR = Path("data/metrics")
 
-logger = logging.getLogger("hueyserve.stack")
+logger = logging.getLogger("hueyserve.dev.stack")
 STOP_TIMEOUT_S = 30.0
 
 

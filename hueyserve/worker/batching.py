@@ -5,8 +5,12 @@ Each Huey worker thread that runs a predict task hands its rows to the model ver
 Batcher. One of the waiting threads leads: it takes what is waiting (up to a row limit, after
 at most `max_wait_s` for more), predicts once, and hands each task its own rows' outputs.
 While the model computes, new tasks queue up, so batches grow with load and cost no latency
-when idle (Triton's default behaviour with a zero queue delay). If a batch fails, its tasks
-are retried one by one, so one bad input fails only its own task.
+when idle (Triton's default behaviour with a zero queue delay).
+
+A task brings one part per job it answers (a group of sync requests brings several). If a
+call fails, `predict_parts` splits the parts in halves until the bad one is alone: that one
+job fails, the others get their answers, in a few calls even in a batch of a thousand. This
+is the only place that isolates a bad input.
 
 With `adaptive`, the row limit follows Clipper's AIMD: it grows by `step` after a batch that
 met the latency target and halves after one that missed it.
@@ -23,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hueyserve.registry import LoadedModel, Outputs
+from hueyserve.models import Outputs
+from hueyserve.worker.registry import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +42,42 @@ class BatchPolicy:
     step: int = 4  #: additive increase of the row limit
 
 
+#: One part's answer: its outputs, or the error of its own rows.
+Answer = Outputs | Exception
+
+
 @dataclass
 class _Slot:
-    features: np.ndarray
-    wake: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False  #: woken to lead the next batch, not with a result
-    outputs: Outputs | None = None
-    error: BaseException | None = None
+    """One task waiting in a batcher, with one part per job it answers."""
 
-    def finish(self, outputs: Outputs | None, error: BaseException | None) -> None:
-        self.outputs, self.error = outputs, error
+    parts: list[np.ndarray]
+    rows: int
+    wake: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  #: woken to lead the next batch, not with answers
+    answers: list[Answer] | None = None
+    error: BaseException | None = None  #: our own fault: no answer at all
+
+    def finish(self, answers: list[Answer] | None, error: BaseException | None) -> None:
+        self.answers, self.error = answers, error
         self.wake.set()
+
+
+def predict_parts(
+    predict: Callable[[np.ndarray], Outputs], parts: list[np.ndarray]
+) -> list[Answer]:
+    """Each part's outputs from one call on all of them; if it fails, each half again, until
+    a bad part is alone and gets its own error."""
+    if not parts:
+        return []
+    try:
+        if len(parts) == 1:
+            return [predict(parts[0])]
+        return list(split_rows(predict(np.concatenate(parts)), [len(p) for p in parts]))
+    except Exception as exc:
+        if len(parts) == 1:
+            return [exc]
+        half = len(parts) // 2
+        return [*predict_parts(predict, parts[:half]), *predict_parts(predict, parts[half:])]
 
 
 #: Called after every predict call: (model, version, rows, tasks, seconds).
@@ -85,8 +115,9 @@ class Batcher:
         with self._cond:
             return self._rows_waiting()
 
-    def predict(self, features: np.ndarray) -> Outputs:
-        slot = _Slot(features)
+    def predict_each(self, parts: list[np.ndarray]) -> list[Answer]:
+        """Each part's answer, computed in one batch with concurrent tasks' parts."""
+        slot = _Slot(parts, sum(len(part) for part in parts))
         with self._cond:
             self._pending.append(slot)
             lead = not self._leading
@@ -106,8 +137,8 @@ class Batcher:
             self._lead()
         if slot.error is not None:
             raise slot.error
-        assert slot.outputs is not None
-        return slot.outputs
+        assert slot.answers is not None
+        return slot.answers
 
     def adapt(self, seconds: float) -> None:
         """AIMD: grow the row limit while batches meet the target, halve it when one misses."""
@@ -126,7 +157,7 @@ class Batcher:
         except Exception as exc:  # our own fault; still, never leave a task waiting
             logger.exception("batch of %s failed", self.key)
             for slot in batch:
-                if slot.outputs is None and slot.error is None:
+                if not slot.wake.is_set():
                     slot.finish(None, exc)
         with self._cond:
             self._pass_lead()
@@ -149,38 +180,33 @@ class Batcher:
                 if remaining <= 0 or not self._cond.wait(remaining):
                     break
             batch = [self._pending.popleft()]  # this thread's own task, whatever its size
-            rows = len(batch[0].features)
-            while self._pending and rows + len(self._pending[0].features) <= self.limit:
+            rows = batch[0].rows
+            while self._pending and rows + self._pending[0].rows <= self.limit:
                 batch.append(self._pending.popleft())
-                rows += len(batch[-1].features)
+                rows += batch[-1].rows
             return batch
 
     def _rows_waiting(self) -> int:
-        return sum(len(slot.features) for slot in self._pending)
+        return sum(slot.rows for slot in self._pending)
 
     def _run(self, batch: list[_Slot]) -> None:
         started = time.perf_counter()
         try:
             model = self.load(*self.key)
-            if len(batch) == 1:
-                outputs = [model.predict(batch[0].features)]
-            else:
-                merged = model.predict(np.concatenate([s.features for s in batch]))
-                outputs = split_rows(merged, [len(s.features) for s in batch])
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0].finish(None, exc)
-            else:  # find the culprit: each task alone
-                for slot in batch:
-                    self._run([slot])
+        except Exception as exc:  # no part can be answered: each gets the load's error
+            for slot in batch:
+                slot.finish([exc] * len(slot.parts), None)
             return
+        answers = predict_parts(model.predict, [part for slot in batch for part in slot.parts])
         seconds = time.perf_counter() - started
-        for slot, answer in zip(batch, outputs, strict=True):
-            slot.finish(answer, None)  # first: nothing below may cost a task its answer
+        start = 0
+        for slot in batch:  # first: nothing below may cost a task its answers
+            slot.finish(answers[start : start + len(slot.parts)], None)
+            start += len(slot.parts)
         self.adapt(seconds)
         if self.observe is not None:
             try:
-                self.observe(*self.key, sum(len(s.features) for s in batch), len(batch), seconds)
+                self.observe(*self.key, sum(slot.rows for slot in batch), len(batch), seconds)
             except Exception:
                 logger.exception("batch observer failed")
 
@@ -209,11 +235,25 @@ class Batchers:
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self._lock = threading.Lock()
 
+    def predict_each(self, model: str, version: str, parts: list[np.ndarray]) -> list[Answer]:
+        """Each part's outputs (or its own error), computed in a batch with concurrent tasks.
+        A model that does not load fails every part."""
+        if not parts:
+            return []  # all answered from the cache
+        if self.policy.max_rows > 1:
+            return self.get(model, version).predict_each(parts)
+        try:
+            loaded = self.load(model, version)
+        except Exception as exc:
+            return [exc] * len(parts)
+        return predict_parts(loaded.predict, parts)
+
     def predict(self, model: str, version: str, features: np.ndarray) -> Outputs:
-        """The outputs for `features`, computed in a batch with concurrent callers."""
-        if self.policy.max_rows <= 1:
-            return self.load(model, version).predict(features)
-        return self.get(model, version).predict(features)
+        """The outputs for `features` as one part; its error is raised."""
+        (answer,) = self.predict_each(model, version, [features])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def get(self, model: str, version: str) -> Batcher:
         with self._lock:

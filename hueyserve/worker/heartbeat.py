@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import redis
 
-logger = logging.getLogger(__name__)
+from hueyserve.wire import HEARTBEATS_KEY
 
-HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker id -> unix time of its last beat
+logger = logging.getLogger(__name__)
 
 
 def worker_id() -> str:
+    """This worker process, as job records and heartbeats name it."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

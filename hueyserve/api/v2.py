@@ -18,11 +18,10 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from hueyserve.catalog import ModelVersion
+from hueyserve.api.schemas import MAX_STRING
+from hueyserve.api.validation import validation_failure
 from hueyserve.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError
-from hueyserve.registry import Outputs
-from hueyserve.schemas import MAX_STRING
-from hueyserve.validation import validation_failure
+from hueyserve.models import ModelVersion, Outputs
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "schedule_policy", "parameters"]

@@ -3,7 +3,7 @@ anything else reads the request (an ASGI middleware, outside the cache's hot pat
 
 Keys are optional. With none configured, every route is open. With `HUEYSERVE_API_KEYS` or
 `HUEYSERVE_ADMIN_KEYS` set, a request names its key in `Authorization: Bearer <key>` or
-`X-API-Key: <key>`:
+`X-API-Key: <key>`, and the route table (hueyserve.api.paths) says what it needs:
 - health, metrics, the server metadata and the docs stay open (probes and scrapers hold no key);
 - training, reloads and purging the queue need an admin key;
 - everything else (models, predict, infer, jobs) needs a predict key or an admin key.
@@ -12,17 +12,12 @@ Keys are optional. With none configured, every route is open. With `HUEYSERVE_AP
 from __future__ import annotations
 
 import hmac
-import re
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hueyserve.api.paths import Access, access
 from hueyserve.errors import PayloadTooLarge
-
-OPEN = re.compile(
-    r"/health|/v2|/v2/health/(live|ready)|/metrics|/docs(/oauth2-redirect)?|/redoc|/openapi\.json"
-)
-ADMIN = re.compile(r"/v1/models/[^/]+/(train|reload)|/v1/queue/purge")
 
 
 class RequestGuard:
@@ -97,18 +92,18 @@ class RequestGuard:
                 ),
                 [],
             )
-        if not self.predict_keys or OPEN.fullmatch(path):
+        needed = access(path)
+        if not self.predict_keys or needed is Access.OPEN:
             return None
         key = _key(headers)
         challenge = [(b"www-authenticate", b'Bearer realm="hueyserve"')]
         if key is None:
             return 401, "an API key is required: send 'Authorization: Bearer <key>'", challenge
-        admin = ADMIN.fullmatch(path) is not None
         if _known(key, self.admin_keys):
             return None
         if not _known(key, self.predict_keys):
             return 401, "unknown API key", challenge
-        if admin:
+        if needed is Access.ADMIN:
             return 403, "this key may predict but not train or reload: use an admin key", []
         return None
 

@@ -1,9 +1,13 @@
-"""The API side of batching: sync predict misses that arrive together travel as one task.
+"""Grouping: sync predict misses that arrive together travel to the workers as one task.
+
+Words used throughout: requests are *coalesced* when identical ones share one job
+(hueyserve.api.inference); misses are *grouped* here, one task for several jobs; a worker
+*batches* the rows of concurrent tasks into one model call (hueyserve.worker.batching).
 
 Each miss joins the open group of its model version and priority. A group is sent, as one Huey
 task naming every request's job id and row count, at the end of the event-loop turn in which
 it opened, unless `max_in_flight` groups of its key are still waiting for their answers: then
-it keeps gathering until one of them is answered, until it is full, or for MAX_HOLD_S at most
+it keeps growing until one of them is answered, until it is full, or for MAX_HOLD_S at most
 (a lost or slow task must not hold a model's requests back). Under load, groups therefore grow
 to fit the time the workers take; a lone request is sent at once.
 
@@ -43,14 +47,14 @@ class Member:
 
 
 #: Enqueues one group as one task (members in order).
-Send = Callable[[GroupKey, list[Member]], Awaitable[None]]
+SendGroup = Callable[[GroupKey, list[Member]], Awaitable[None]]
 
 
-class Gatherer:
+class Grouper:
     """One per API process. Call `add` for each miss, await its `enqueued`, wait for its
     result, then call `answered`, whatever happened."""
 
-    def __init__(self, send: Send, *, max_rows: int, max_in_flight: int) -> None:
+    def __init__(self, send: SendGroup, *, max_rows: int, max_in_flight: int) -> None:
         self._send = send
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight  #: 0: no limit, every turn sends

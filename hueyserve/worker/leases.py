@@ -7,7 +7,7 @@ scored by the lease's expiry. The worker's heartbeat renews the leases of its ru
 worker thread gives its lease back when it asks for its next task (or stops), once Huey has
 recorded how the last one ended (done, failed, retried, revoked, expired: `finish`); if that
 record failed (Redis went away), the lease is left to lapse instead. Expired leases belong to
-dead workers: a reaper (core.reap_lost_tasks) queues them again. Leases are renewed on a
+dead workers: a reaper (hueyserve.worker.lifecycle) queues them again. Leases are renewed on a
 thread of their own (`start_renewing`), so nothing slow elsewhere lets them lapse.
 
 A script cannot block, so an idle worker waits on a doorbell list instead (BLPOP): every
@@ -23,51 +23,27 @@ import time
 import redis
 from huey.storage import PriorityRedisExpireStorage
 
+from hueyserve.wire import (
+    DOORBELL_TOKENS,
+    PUT_BACK_SCRIPT,
+    TAKE_SCRIPT,
+    doorbell_key,
+    leases_key,
+    message_of,
+    queue_entry,
+    queue_score,
+)
+
 logger = logging.getLogger(__name__)
-
-PREFIX_BYTES = 8  #: huey's queue entries are an 8-byte timestamp, then the task message
-DOORBELL_TOKENS = 1024  #: most tokens kept: idle workers wake at most this often for nothing
-
-
-def leases_key(queue_key: str) -> str:
-    """Sorted set: a running task's queue entry -> its lease's expiry (unix seconds)."""
-    return f"{queue_key}:leases"
-
-
-def doorbell_key(queue_key: str) -> str:
-    """List of tokens, one pushed per enqueue, on which idle workers block."""
-    return f"{queue_key}:doorbell"
-
-
-#: KEYS: the queue, the leases. ARGV: the lease's expiry, the entry whose lease this worker
-#: gives back ('' for none). The most urgent entry, now leased, or nil.
-TAKE_SCRIPT = """
-if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
-local popped = redis.call('ZPOPMIN', KEYS[1])
-if #popped == 0 then return false end
-redis.call('ZADD', KEYS[2], ARGV[1], popped[1])
-return popped[1]
-"""
-
-
-#: KEYS: the leases, the queue, the doorbell. ARGV: the entry, its queue score, the doorbell's
-#: length. Whoever removes the lease queues the entry; 0 if the lease was gone.
-PUT_BACK_SCRIPT = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('LPUSH', KEYS[3], 1)
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
-return 1
-"""
 
 
 class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
-    """Huey's priority Redis storage, whose dequeue leases what it hands out."""
+    """Huey's priority Redis storage, whose dequeue leases what it hands out for `lease_s`
+    (Huey passes its extra keyword arguments to the storage)."""
 
-    lease_s = 10.0  #: set from HUEYSERVE_LEASE_S by core.py
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, lease_s: float = 10.0, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
+        self.lease_s = lease_s
         self.leases_key = leases_key(self.queue_key)
         self.doorbell_key = doorbell_key(self.queue_key)
         self._take = self.conn.register_script(TAKE_SCRIPT)
@@ -81,10 +57,8 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey's enqueue (scheduled tasks, retries, periodic tasks), ringing the doorbell."""
-        # Huey's entry layout: a microsecond prefix keeps FIFO order within a priority.
-        entry = (time.time_ns() // 1000).to_bytes(PREFIX_BYTES, "big") + data
         with self.conn.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.queue_key, {entry: -(priority or 0)})
+            pipe.zadd(self.queue_key, {queue_entry(data): queue_score(priority)})
             self._ring(pipe)
             pipe.execute()
 
@@ -112,7 +86,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             return None  # nothing yet; a ConnectionError propagates for Huey's backoff
         with self._lock:
             self._held[threading.get_ident()] = entry
-        return entry[PREFIX_BYTES:]
+        return message_of(entry)
 
     def _take_one(self, give_back: bytes | None = None) -> bytes | None:
         keys = [self.queue_key, self.leases_key]
@@ -170,7 +144,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         always either leased or queued). False when the lease was gone: another reaper got
         there first."""
         keys = [self.leases_key, self.queue_key, self.doorbell_key]
-        return bool(self._put_back(keys=keys, args=[entry, -priority, DOORBELL_TOKENS]))
+        return bool(self._put_back(keys=keys, args=[entry, queue_score(priority), DOORBELL_TOKENS]))
 
     def start_renewing(self, interval_s: float) -> None:
         """Renew this process's leases every `interval_s` on a thread of their own, so that

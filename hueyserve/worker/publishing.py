@@ -1,4 +1,4 @@
-"""Which version of each model is active, decided on the worker side and published.
+"""Publishing models: which version of each is active, decided here and written to Redis.
 
 The periodic refresh makes the newest version on disk active unless an operator pinned one
 (reload with an explicit version). A version that does not load is never made active: the old
@@ -14,12 +14,31 @@ from contextlib import contextmanager
 
 import redis
 
-from hueyserve import catalog
-from hueyserve.catalog import ModelEntry
-from hueyserve.registry import ModelRegistry
-from hueyserve.store import ModelStore
+from hueyserve.models import ModelEntry, parse_entries
+from hueyserve.wire import MODELS_CHANNEL, MODELS_KEY, MODELS_LOCK_KEY
+from hueyserve.worker.registry import ModelRegistry
+from hueyserve.worker.store import ModelStore
 
 logger = logging.getLogger(__name__)
+
+
+def publish(conn: redis.Redis, entry: ModelEntry) -> None:
+    """Make `entry` what every API process sees."""
+    payload = entry.to_json()
+    with conn.pipeline() as pipe:
+        pipe.hset(MODELS_KEY, entry.name, payload)
+        pipe.publish(MODELS_CHANNEL, payload)
+        pipe.execute()
+
+
+def withdraw(conn: redis.Redis, name: str) -> None:
+    """Stop serving `name`; API processes drop it at their next full reread."""
+    conn.hdel(MODELS_KEY, name)
+
+
+def entries(conn: redis.Redis) -> dict[str, ModelEntry]:
+    """Every published model, in one round trip."""
+    return parse_entries(conn.hgetall(MODELS_KEY))
 
 
 class PromotionError(RuntimeError):
@@ -37,7 +56,7 @@ class Promoter:
         pinned ones left alone; returns {name: version} of those whose active version changed."""
         changed = {}
         with self._locked():
-            current = catalog.entries(self.conn)
+            current = entries(self.conn)
             if names is None:
                 self._withdraw_missing(current)
             for name in names or self.store.names():
@@ -52,7 +71,7 @@ class Promoter:
         """After a training: publish `name` with its new version, which becomes active unless
         an operator pinned another one (their choice stands)."""
         self.refresh([name])
-        return catalog.entries(self.conn)[name]
+        return entries(self.conn)[name]
 
     def promote(
         self, name: str, version: str | None = None
@@ -60,7 +79,7 @@ class Promoter:
         """Make `version` active and pin it there, or with None the newest, unpinned; returns
         the entry before and after."""
         with self._locked():
-            old = catalog.entries(self.conn).get(name)
+            old = entries(self.conn).get(name)
             if version is not None:
                 if version not in self.store.versions(name):
                     raise PromotionError(f"model {name!r} has no version {version!r} on disk")
@@ -90,7 +109,7 @@ class Promoter:
             name, active, versions, pinned=keep is not None if pinned is None else pinned
         )
         if entry != old:
-            catalog.publish(self.conn, entry)
+            publish(self.conn, entry)
             if old is None or old.active != active:
                 logger.info("model %s: version %s is now active", name, active)
         return entry
@@ -100,7 +119,7 @@ class Promoter:
         kept = set(self.store.names()) | self.registry.in_memory_names()
         for name in sorted(set(current) - kept):
             logger.warning("model %s is gone from the store; unpublishing it", name)
-            catalog.withdraw(self.conn, name)
+            withdraw(self.conn, name)
 
     def _newest_loadable(
         self, name: str, versions: list[str], old: ModelEntry | None
@@ -117,5 +136,5 @@ class Promoter:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with self.conn.lock(catalog.LOCK_KEY, timeout=60, blocking_timeout=30):
+        with self.conn.lock(MODELS_LOCK_KEY, timeout=60, blocking_timeout=30):
             yield

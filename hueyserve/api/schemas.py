@@ -1,5 +1,5 @@
 """Request and response bodies of KServe v1, jobs and model administration (the Open
-Inference Protocol v2 lives in hueyserve.v2_protocol)."""
+Inference Protocol v2's live in hueyserve.api.v2)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from hueyserve.catalog import ModelVersion
 from hueyserve.jobs import JobKind, JobStatus
-from hueyserve.registry import Outputs
 
 #: One feature value: a real JSON number. Strings, booleans, null, NaN and Infinity are refused.
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -56,17 +54,6 @@ class PredictResponse(BaseModel):
     predictions: list[Any]
     model_name: str
     model_version: str
-
-
-def v1_predictions(model: ModelVersion, outputs: Outputs) -> list[Any]:
-    """The worker's output columns as one v1 prediction per row."""
-    labels = outputs["predict"]
-    if model.classes is None or "predict_proba" not in outputs:
-        return labels
-    return [
-        {"class": label, "probabilities": dict(zip(model.classes, row, strict=True))}
-        for label, row in zip(labels, outputs["predict_proba"], strict=True)
-    ]
 
 
 class JobSubmit(BaseModel):

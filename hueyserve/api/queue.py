@@ -3,14 +3,14 @@
 Huey's own client is synchronous and would block the event loop; this one speaks the same
 storage format (Huey's serializer, its queue and result keys) over redis.asyncio with short
 timeouts, so a Redis outage becomes a 503 in about a second instead of a hang. Waiting goes
-through one ResultListener per process (hueyserve.results).
+through one ResultListener per process (hueyserve.api.waiting). Keys, scripts and the entry
+layout come from hueyserve.wire, shared with the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -20,13 +20,31 @@ import redis.asyncio as aioredis
 from huey import Huey
 from huey.api import Task
 from huey.constants import EmptyData
+from huey.utils import Error
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from hueyserve.errors import QueueFull, RedisUnavailable
-from hueyserve.jobs import CANCEL_SCRIPT, Fields, job_key
-from hueyserve.leases import DOORBELL_TOKENS, doorbell_key
-from hueyserve.results import ResultListener
+from hueyserve.api.waiting import ResultListener
+from hueyserve.errors import (
+    PredictionFailed,
+    PredictTimeout,
+    QueueFull,
+    RedisUnavailable,
+    ResultUnavailable,
+)
+from hueyserve.jobs import Fields
+from hueyserve.wire import (
+    CANCEL_SCRIPT,
+    DOORBELL_TOKENS,
+    ENQUEUE_SCRIPT,
+    HEARTBEATS_KEY,
+    doorbell_key,
+    idempotency_key,
+    job_key,
+    queue_entry,
+    queue_score,
+    revoke_id,
+)
 
 
 @contextlib.asynccontextmanager
@@ -43,35 +61,6 @@ def fail_fast_retry() -> Retry:
     restart), none on timeouts: redis-py's default (10 retries, backoff up to 1 s) would turn
     an outage into multi-second hangs."""
     return Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,))
-
-
-#: KEYS: the queue, the submission's idempotency key ('' for none), the workers' doorbell, then
-#: each job record. ARGV: the depth limit (0: none), the task's score (its negated priority),
-#: the task, the records' TTL, the task's id, the doorbell's length, then per record its
-#: number of fields followed by fields and values. Answers the id of the job that holds: an
-#: earlier one with the same idempotency key, else this one once queued; or 0 (refused) when
-#: as many tasks as the limit would run before or with this one (same or higher priority).
-ENQUEUE_SCRIPT = """
-if KEYS[2] ~= '' then
-    local earlier = redis.call('GET', KEYS[2])
-    if earlier then return earlier end
-end
-local limit = tonumber(ARGV[1])
-if limit > 0 and redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[2]) >= limit then return 0 end
-local arg = 7
-for i = 4, #KEYS do
-    local n = tonumber(ARGV[arg])
-    redis.call('HSET', KEYS[i], unpack(ARGV, arg + 1, arg + 2 * n))
-    redis.call('EXPIRE', KEYS[i], ARGV[4])
-    arg = arg + 1 + 2 * n
-end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('LPUSH', KEYS[3], 1)
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
-return ARGV[5]
-"""
-IDEMPOTENCY_PREFIX = "hueyserve:idempotency:"  #: + the client's Idempotency-Key -> job id
 
 
 class TaskQueue:
@@ -92,6 +81,7 @@ class TaskQueue:
     ) -> None:
         self.huey = huey
         self.storage = huey.storage
+        self.enqueued = 0  #: tasks this process put on the queue (cache hits put none)
         self.record_ttl_s = record_ttl_s
         self.max_depth = max_depth
         self.max_connections = max_connections
@@ -138,51 +128,61 @@ class TaskQueue:
         return self.results.channel
 
     async def enqueue(
-        self, task: Task, records: dict[str, Fields], idempotency_key: str | None = None
+        self, task: Task, records: dict[str, Fields], client_key: str | None = None
     ) -> str:
         """Put `task` on Huey's priority queue with its job records (one, or one per request
-        of a group), atomically, and answer its id; or, for an `idempotency_key` seen before,
+        of a group), atomically, and answer its id; or, for an Idempotency-Key (`client_key`)
+        seen before,
         queue nothing and answer the earlier job's id. QueueFull when
         HUEYSERVE_MAX_QUEUE_DEPTH tasks would run before or with it."""
         if task.expires:
             task.resolve_expires(self.huey.utc)  # as huey.enqueue does
-        data = self.huey.serialize_task(task)
-        # Same member layout as huey's RedisPriorityQueue: a microsecond prefix keeps FIFO order
-        # within a priority; the score is the negated priority (ZPOPMIN takes the highest).
-        member = struct.pack(">Q", time.time_ns() // 1000) + data
-        args: list[Any] = [self.max_depth, -(task.priority or 0), member, self.record_ttl_s]
+        entry = queue_entry(self.huey.serialize_task(task))
+        args: list[Any] = [self.max_depth, queue_score(task.priority), entry, self.record_ttl_s]
         args += [task.id, DOORBELL_TOKENS]
         for record in records.values():
             args.append(len(record))
             for field, value in record.items():
                 args += [field, value]
-        idempotency = IDEMPOTENCY_PREFIX + idempotency_key if idempotency_key else ""
+        idempotency = idempotency_key(client_key) if client_key else ""
         doorbell = doorbell_key(self.storage.queue_key)
         keys = [self.storage.queue_key, idempotency, doorbell, *map(job_key, records)]
         async with redis_errors():
             job_id = await self._enqueue(keys=keys, args=args)
         if not job_id:
             raise QueueFull(self.max_depth, task.priority or 0)
-        return bytes(job_id).decode()
+        held = bytes(job_id).decode()
+        if held == task.id:  # else an earlier submission with the same key holds
+            self.enqueued += 1
+        return held
 
     async def cancel(self, task_id: str) -> str | None:
         """Revoke a queued task (Huey skips it when a worker takes it); the status the job
         had (None: no such job). Only a `queued` job is cancelled."""
         revoke_once = self.huey.serializer.serialize((None, True))
-        keys = [job_key(task_id), self.storage.result_key(f"r:{task_id}")]
+        keys = [job_key(task_id), self.storage.result_key(revoke_id(task_id))]
         async with redis_errors():
             status = await self._cancel(
                 keys=keys, args=[time.time(), revoke_once, self.record_ttl_s]
             )
         return None if status is None else bytes(status).decode()
 
-    async def wait(self, task_id: str, timeout_s: float) -> Any:
-        """The result of a task announced with `reply_to` (a value, or huey's `Error`), or
-        EmptyData when it is not there within `timeout_s`."""
-        payload = await self.results.wait(task_id, timeout_s)
+    async def wait(self, job_id: str, timeout_s: float) -> Any:
+        """The result of a job announced with `reply_to` once stored; its error or a timeout
+        as the matching ServiceError."""
+        try:
+            payload = await self.results.wait(job_id, timeout_s)
+        except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
+            raise ResultUnavailable(job_id, exc.message) from exc
         if payload is None:
-            return await self.result(task_id)  # a last look, in case the wake-up was missed
-        return self.huey.serializer.deserialize(payload)
+            value = await self.result(job_id)  # a last look, in case the wake-up was missed
+        else:
+            value = self.huey.serializer.deserialize(payload)
+        if value is EmptyData:
+            raise PredictTimeout(job_id, timeout_s)
+        if isinstance(value, Error):
+            raise PredictionFailed(job_id, str(value.metadata.get("error")))
+        return value
 
     async def result(self, task_id: str) -> Any:
         """The stored result (a value, or huey's `Error`), or EmptyData when there is none."""
@@ -228,3 +228,11 @@ class TaskQueue:
     async def depth(self) -> int:
         async with redis_errors():
             return int(await self.client.zcard(self.storage.queue_key))
+
+    async def heartbeats(self, since: float) -> list[tuple[str, float]]:
+        """Workers that reported in since `since` (unix time), with their last beat's time."""
+        async with redis_errors():
+            beats: list[Any] = await self.client.zrangebyscore(
+                HEARTBEATS_KEY, since, "+inf", withscores=True
+            )
+        return [(bytes(member).decode(), float(score)) for member, score in beats]

@@ -1,0 +1,90 @@
+"""Health in the API process: readiness, the details of GET /health, the queue-depth gauge."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from hueyserve import metrics
+from hueyserve.api.catalog import ModelCatalog
+from hueyserve.api.queue import TaskQueue
+from hueyserve.cache import PredictionCache
+from hueyserve.errors import ServiceError
+from hueyserve.settings import Settings
+
+PRIORITY_LEVELS = range(101)  #: every priority a request, job or periodic task can have
+
+
+class HealthService:
+    """One per API process: what probes, scrapers and operators read."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        queue: TaskQueue,
+        catalog: ModelCatalog,
+        cache: PredictionCache,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.catalog = catalog
+        self.cache = cache
+        self._priorities_seen: set[int] = set()
+
+    async def readiness(self) -> list[str]:
+        """Why this server is not ready; an empty list means ready."""
+        reasons = []
+        try:
+            await self.queue.ping_ms()
+            if not await self.workers():
+                reasons.append("no worker has reported in: start `huey_consumer core.huey`")
+        except ServiceError as exc:
+            reasons.append(exc.message)
+        if not self.catalog.models:
+            reasons.append("no model is loaded yet")
+        return reasons
+
+    async def model_ready(self) -> bool:
+        """A published model is ready when some worker is alive to serve it."""
+        try:
+            return bool(await self.workers())
+        except ServiceError:
+            return False
+
+    async def workers(self) -> dict[str, float]:
+        """Workers seen within the heartbeat TTL, with the age of their last beat in seconds."""
+        now = time.time()
+        beats = await self.queue.heartbeats(since=now - self.settings.heartbeat_ttl_s)
+        return {worker: round(now - beat, 3) for worker, beat in beats}
+
+    async def update_queue_depth(self) -> None:
+        """Set the queue-depth gauge from Redis, a priority level at a time."""
+        configured = {self.settings.sync_priority, self.settings.async_priority}
+        levels = {*PRIORITY_LEVELS, *configured, self.settings.train_priority}
+        depth = await self.queue.depth_by_priority(levels)
+        for priority in self._priorities_seen - set(depth):
+            metrics.QUEUE_DEPTH.labels(str(priority)).set(0)  # drained since the last scrape
+        for priority, count in depth.items():
+            metrics.QUEUE_DEPTH.labels(str(priority)).set(count)
+        self._priorities_seen |= set(depth)
+
+    async def details(self) -> dict[str, Any]:
+        """Everything an operator wants on one page (GET /health)."""
+        redis_info: dict[str, Any]
+        try:
+            redis_info = {
+                "ok": True,
+                "latency_ms": round(await self.queue.ping_ms(), 3),
+                "queue_depth": await self.queue.depth(),
+                "workers": await self.workers(),
+            }
+        except ServiceError as exc:
+            redis_info = {"ok": False, "error": exc.message}
+        return {
+            "redis": redis_info,
+            "models": {m.name: m.active for m in self.catalog.models.values()},
+            "cache": self.cache.stats(),
+            "enqueued": self.queue.enqueued,
+            "sync_waiting": self.queue.results.waiting,
+        }

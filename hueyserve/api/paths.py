@@ -1,0 +1,83 @@
+"""The route table: every path the API serves and who may call it, in one place.
+
+main.py declares its routes with these templates; the guard (hueyserve.api.guard) decides
+access from `ACCESS` before routing; the answer cache (hueyserve.api.answers) recognises v1
+predict requests by their template. A route renamed or moved here moves everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from starlette.convertors import StringConvertor, register_url_convertor
+
+from hueyserve.models import MODEL_NAME
+
+
+class Access(StrEnum):
+    OPEN = "open"  #: probes, scrapers and docs: no key ever
+    PREDICT = "predict"  #: a predict key or an admin key (when keys are configured)
+    ADMIN = "admin"  #: an admin key: training, reloads, purging the queue
+
+
+class ModelNameConvertor(StringConvertor):
+    """`{name:model}`: a model name never holds ':' or '/', so `GET /v1/models/m:predict` is
+    a wrong method on the predict route, not a lookup of a model called 'm:predict'."""
+
+    regex = MODEL_NAME.pattern
+
+
+register_url_convertor("model", ModelNameConvertor())
+
+# KServe v1 and jobs
+V1_MODELS = "/v1/models"
+V1_MODEL = "/v1/models/{name:model}"
+V1_PREDICT = "/v1/models/{name:model}:predict"
+V1_PREDICT_VERSION = "/v1/models/{name:model}/versions/{version}:predict"
+V1_TRAIN = "/v1/models/{name:model}/train"
+V1_RELOAD = "/v1/models/{name:model}/reload"
+JOBS = "/v1/jobs"
+JOB = "/v1/jobs/{job_id}"
+PURGE = "/v1/queue/purge"
+# Open Inference Protocol v2
+V2_SERVER = "/v2"
+V2_MODEL = "/v2/models/{name:model}"
+V2_VERSION = "/v2/models/{name:model}/versions/{version}"
+V2_MODEL_READY = "/v2/models/{name:model}/ready"
+V2_VERSION_READY = "/v2/models/{name:model}/versions/{version}/ready"
+V2_INFER = "/v2/models/{name:model}/infer"
+V2_VERSION_INFER = "/v2/models/{name:model}/versions/{version}/infer"
+# Health and tooling (the docs routes are FastAPI's own)
+LIVE = "/v2/health/live"
+READY = "/v2/health/ready"
+HEALTH = "/health"
+METRICS = "/metrics"
+DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+OPEN_PATHS = (V2_SERVER, LIVE, READY, HEALTH, METRICS, *DOCS)
+ADMIN_PATHS = (V1_TRAIN, V1_RELOAD, PURGE)
+
+
+def pattern(template: str) -> re.Pattern[str]:
+    """A template as a regex of the request path; each parameter matches one path segment
+    (any characters but '/'), so access is decided even for a name the route would refuse."""
+    parts = re.split(r"\{[^}]+\}", template)
+    return re.compile("[^/]+".join(re.escape(part) for part in parts))
+
+
+def alternatives(templates: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(pattern(t).pattern for t in templates))
+
+
+OPEN = alternatives(OPEN_PATHS)
+ADMIN = alternatives(ADMIN_PATHS)
+
+
+def access(path: str) -> Access:
+    """Who may call `path` (the guard's rule): any path not open or admin needs a key."""
+    if OPEN.fullmatch(path):
+        return Access.OPEN
+    if ADMIN.fullmatch(path):
+        return Access.ADMIN
+    return Access.PREDICT

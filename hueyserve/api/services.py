@@ -1,0 +1,107 @@
+"""The API process's services, built when the app starts and closed when it stops.
+
+Routes (main.py) reach them through `Services`; the answer cache's middleware finds them on
+`app.state.services`. Building them connects to nothing; `running` opens the Redis
+connections and starts the two background tasks (the model catalog's follower and the result
+listener).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from huey import Huey
+from huey.api import TaskWrapper
+from redis import RedisError
+
+from hueyserve.api.answers import AnswerCache
+from hueyserve.api.catalog import ModelCatalog
+from hueyserve.api.health import HealthService
+from hueyserve.api.inference import InferenceService
+from hueyserve.api.jobs import JobService
+from hueyserve.api.queue import TaskQueue
+from hueyserve.cache import PredictionCache
+from hueyserve.errors import ServiceError
+from hueyserve.settings import Settings
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """The Huey tasks the API enqueues; core.py defines them (hueyserve never imports core)."""
+
+    predict: TaskWrapper
+    train: TaskWrapper
+    reload: TaskWrapper
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    queue: TaskQueue
+    catalog: ModelCatalog
+    inference: InferenceService
+    jobs: JobService
+    health: HealthService
+    answers: AnswerCache
+
+    @classmethod
+    def build(cls, settings: Settings, huey: Huey, tasks: Tasks) -> Services:
+        queue = TaskQueue(
+            huey,
+            url=settings.redis_url,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+            socket_timeout_s=settings.redis_socket_timeout_s,
+            record_ttl_s=settings.result_ttl_s,
+            max_waiters=settings.max_sync_waiters,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
+            max_depth=settings.max_queue_depth,
+        )
+        catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
+        cache = PredictionCache(settings.cache_size, where="api")
+        return cls(
+            settings=settings,
+            queue=queue,
+            catalog=catalog,
+            inference=InferenceService(
+                settings=settings, queue=queue, cache=cache, predict_task=tasks.predict
+            ),
+            jobs=JobService(
+                settings=settings,
+                queue=queue,
+                catalog=catalog,
+                predict_task=tasks.predict,
+                train_task=tasks.train,
+                reload_task=tasks.reload,
+            ),  # fmt: skip
+            health=HealthService(settings=settings, queue=queue, catalog=catalog, cache=cache),
+            answers=AnswerCache(cache, catalog),
+        )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, huey: Huey, tasks: Tasks) -> AsyncIterator[Services]:
+    """The services, connected, for as long as the app runs."""
+    services = Services.build(settings, huey, tasks)
+    queue, catalog = services.queue, services.catalog
+    with contextlib.suppress(ServiceError, RedisError, OSError):
+        await queue.warm()
+        await catalog.resync()  # answer the first request with models known; else follow() retries
+    background = {
+        asyncio.create_task(catalog.follow(), name="model-catalog"),
+        asyncio.create_task(queue.results.run(), name="result-listener"),
+    }
+    with contextlib.suppress(TimeoutError):  # Redis down: requests get 503s until it is back
+        await asyncio.wait_for(queue.results.connected.wait(), timeout=2.0)
+    try:
+        yield services
+    finally:
+        for task in background:
+            task.cancel()
+        # Bounded: shutdown must never hang on a Redis call that swallowed the cancellation.
+        await asyncio.wait(background, timeout=2.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(queue.aclose(), timeout=2.0)

@@ -1,0 +1,207 @@
+"""The wire between the API and the workers: everything both sides must agree on.
+
+Every Redis key and channel, the byte layout of a queue entry, the arguments of the predict
+task, the message that wakes a waiting API process, and every Lua script live here, so a
+change to the contract is a change to this one module. API modules (hueyserve.api) and worker
+modules (hueyserve.worker) both import it; neither imports the other.
+
+| Redis key or channel                 | type    | written by            | read by               |
+|--------------------------------------|---------|-----------------------|-----------------------|
+| Huey's queue (`huey.storage`)        | ZSET    | API, workers          | workers, API (depth)  |
+| `<queue>:leases`                     | ZSET    | workers               | workers (reaper)      |
+| `<queue>:doorbell`                   | LIST    | API, workers          | idle workers          |
+| Huey's result and revoke keys        | STRING  | workers, API (revoke) | API, workers          |
+| `hueyserve:job:<id>`                 | HASH    | API, workers          | API, workers          |
+| `hueyserve:idempotency:<key>`        | STRING  | API                   | API                   |
+| `hueyserve:results:<api process>`    | channel | workers               | that API process      |
+| `hueyserve:models` (+ `:changed`)    | HASH    | workers               | API, workers          |
+| `hueyserve:models:lock`              | lock    | workers               | workers               |
+| `hueyserve:workers`                  | ZSET    | workers (heartbeat)   | API (readiness)       |
+| `hueyserve:training`                 | lock    | workers               | workers               |
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from huey.api import Task
+
+# --- keys and channels ------------------------------------------------------------------------
+
+JOB_KEY_PREFIX = "hueyserve:job:"  #: + job id -> hash (hueyserve.jobs), TTL = result TTL
+IDEMPOTENCY_PREFIX = "hueyserve:idempotency:"  #: + the client's Idempotency-Key -> job id
+RESULT_CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process: wake-ups
+MODELS_KEY = "hueyserve:models"  #: hash: name -> ModelEntry JSON (hueyserve.models)
+MODELS_CHANNEL = "hueyserve:models:changed"  #: pub/sub: the same JSON on every change
+MODELS_LOCK_KEY = "hueyserve:models:lock"  #: held by a worker while it changes an entry
+HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker id -> unix time of its last beat
+TRAINING_LOCK_KEY = "hueyserve:training"  #: one training at a time across every worker
+DOORBELL_TOKENS = 1024  #: most tokens kept: idle workers wake at most this often for nothing
+
+
+def job_key(job_id: str) -> str:
+    return JOB_KEY_PREFIX + job_id
+
+
+def idempotency_key(client_key: str) -> str:
+    return IDEMPOTENCY_PREFIX + client_key
+
+
+def leases_key(queue_key: str) -> str:
+    """Sorted set: a running task's queue entry -> its lease's expiry (unix seconds)."""
+    return f"{queue_key}:leases"
+
+
+def doorbell_key(queue_key: str) -> str:
+    """List of tokens, one pushed per enqueue, on which idle workers block."""
+    return f"{queue_key}:doorbell"
+
+
+def revoke_id(task_id: str) -> str:
+    """Huey's own name for the flag that revokes a task (store it under `result_key`)."""
+    revoke: str = Task(id=task_id).revoke_id
+    return revoke
+
+
+# --- queue entries ----------------------------------------------------------------------------
+
+PREFIX_BYTES = 8  #: huey's queue entries are an 8-byte timestamp, then the task message
+
+
+def queue_entry(message: bytes) -> bytes:
+    """Huey's entry layout: a microsecond prefix keeps FIFO order within a priority."""
+    return (time.time_ns() // 1000).to_bytes(PREFIX_BYTES, "big") + message
+
+
+def queue_score(priority: int | None) -> int:
+    """The entry's score: the negated priority, so ZPOPMIN takes the most urgent."""
+    return -(priority or 0)
+
+
+def message_of(entry: bytes) -> bytes:
+    """The task message inside a queue entry (for Huey's deserializer)."""
+    return entry[PREFIX_BYTES:]
+
+
+# --- task arguments ---------------------------------------------------------------------------
+
+#: A group's jobs, in the order of their rows: (job id, row count).
+Members = list[tuple[str, int]]
+
+
+def predict_options(reply_to: str | None, members: Members | None = None) -> dict[str, Any]:
+    """The predict task's keyword arguments: the channel of the API process that waits for
+    it, and, for a group of sync requests, which rows belong to which job."""
+    options: dict[str, Any] = {} if reply_to is None else {"reply_to": reply_to}
+    if members:
+        options["members"] = members
+    return options
+
+
+def reply_to(task: Task) -> str | None:
+    """The channel of the API process waiting for the task's jobs, if any."""
+    channel: str | None = (task.kwargs or {}).get("reply_to")
+    return channel
+
+
+def members(task: Task, rows: int = 0) -> Members:
+    """The jobs a task answers: a group names them; otherwise the task is one job of `rows`."""
+    named: Members | None = (task.kwargs or {}).get("members")
+    return [(job_id, int(count)) for job_id, count in named] if named else [(task.id, rows)]
+
+
+def job_ids(task: Task) -> list[str]:
+    return [job_id for job_id, _ in members(task)]
+
+
+# --- wake-ups ---------------------------------------------------------------------------------
+
+
+def result_message(job_id: str, payload: bytes) -> bytes:
+    """What a worker publishes once a job's result is stored: the id, then the serialized
+    result or Error itself (so the waiter needs no read)."""
+    return job_id.encode() + b" " + payload
+
+
+def parse_result_message(data: bytes) -> tuple[str, bytes]:
+    """Job ids are UUIDs (no spaces); the payload may hold any byte."""
+    job_id, _, payload = data.partition(b" ")
+    return job_id.decode(errors="replace"), payload
+
+
+# --- Lua scripts ------------------------------------------------------------------------------
+
+#: API. KEYS: the queue, the submission's idempotency key ('' for none), the workers' doorbell,
+#: then each job record. ARGV: the depth limit (0: none), the task's score, the entry, the
+#: records' TTL, the task's id, the doorbell's length, then per record its number of fields
+#: followed by fields and values. Answers the id of the job that holds: an earlier one with
+#: the same idempotency key, else this one once queued; or 0 (refused) when as many tasks as
+#: the limit would run before or with this one (same or higher priority).
+ENQUEUE_SCRIPT = """
+if KEYS[2] ~= '' then
+    local earlier = redis.call('GET', KEYS[2])
+    if earlier then return earlier end
+end
+local limit = tonumber(ARGV[1])
+if limit > 0 and redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[2]) >= limit then return 0 end
+local arg = 7
+for i = 4, #KEYS do
+    local n = tonumber(ARGV[arg])
+    redis.call('HSET', KEYS[i], unpack(ARGV, arg + 1, arg + 2 * n))
+    redis.call('EXPIRE', KEYS[i], ARGV[4])
+    arg = arg + 1 + 2 * n
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('LPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
+return ARGV[5]
+"""
+
+#: API. KEYS: the job record, Huey's revoke key for the task. ARGV: now, revoke value, ttl.
+#: Cancels a queued job; answers the status it found (nil: no such job).
+CANCEL_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+    redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+end
+return status
+"""
+
+#: Workers. KEYS: job records; ARGV: now, ttl, the worker (host:pid). Running, unless one of
+#: them was cancelled or has ended already (then 0: a task queued again after its worker died
+#: may have finished meanwhile). Atomic against CANCEL_SCRIPT.
+START_SCRIPT = """
+local ended = {cancelled = true, done = true, failed = true, expired = true}
+for _, key in ipairs(KEYS) do
+    if ended[redis.call('HGET', key, 'status')] then return 0 end
+end
+for _, key in ipairs(KEYS) do
+    redis.call('HSET', key, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
+    redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('EXPIRE', key, ARGV[2])
+end
+return 1
+"""
+
+#: Workers. KEYS: the queue, the leases. ARGV: the lease's expiry, the entry whose lease this
+#: worker gives back ('' for none). The most urgent entry, now leased, or nil.
+TAKE_SCRIPT = """
+if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
+local popped = redis.call('ZPOPMIN', KEYS[1])
+if #popped == 0 then return false end
+redis.call('ZADD', KEYS[2], ARGV[1], popped[1])
+return popped[1]
+"""
+
+#: Workers. KEYS: the leases, the queue, the doorbell. ARGV: the entry, its queue score, the
+#: doorbell's length. Whoever removes the lease queues the entry; 0 if the lease was gone.
+PUT_BACK_SCRIPT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+return 1
+"""

@@ -1,0 +1,108 @@
+"""One consumer process's state: its model store and registry, cache, batchers, trainer,
+job lifecycle and heartbeat, built once by core.py (importing connects to nothing and loads
+no model). Huey's startup and shutdown hooks start and stop the background threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from huey import Huey
+
+from hueyserve import metrics
+from hueyserve.cache import PredictionCache
+from hueyserve.settings import Settings
+from hueyserve.worker.batching import Batchers, BatchPolicy
+from hueyserve.worker.fitting import Trainer
+from hueyserve.worker.heartbeat import Heartbeat
+from hueyserve.worker.lifecycle import JobLifecycle
+from hueyserve.worker.logs import configure_worker_logging
+from hueyserve.worker.predicting import Predictor
+from hueyserve.worker.publishing import Promoter, entries
+from hueyserve.worker.records import JobRecorder
+from hueyserve.worker.registry import ModelRegistry
+from hueyserve.worker.store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerProcess:
+    """Everything a consumer process holds; `refresh` publishes the models (the periodic
+    refresh task, run in this process when the models must be published now)."""
+
+    def __init__(self, huey: Huey, settings: Settings, refresh: Callable[[], object]) -> None:
+        self.huey = huey
+        self.settings = settings
+        self.refresh = refresh
+        conn = huey.storage.conn
+        self.store = ModelStore(settings.model_dir)
+        self.registry = ModelRegistry(self.store)
+        self.promoter = Promoter(conn, self.store, self.registry)
+        self.cache = PredictionCache(settings.cache_size, where="worker")
+        policy = BatchPolicy(
+            max_rows=settings.batch_max_rows,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            adaptive=settings.batch_adaptive,
+            target_s=settings.batch_target_ms / 1000,
+        )
+        self.predictor = Predictor(
+            self.cache, Batchers(self.registry.get, policy, observe=metrics.observe_batch)
+        )
+        self.trainer = Trainer(conn, self.store, settings)
+        self.records = JobRecorder(conn, ttl_s=settings.result_ttl_s)
+        self.lifecycle = JobLifecycle(
+            huey,
+            self.records,
+            result_ttl_s=settings.result_ttl_s,
+            max_attempts=settings.max_attempts,
+        )
+        self.heartbeat = Heartbeat(
+            conn,
+            interval_s=settings.heartbeat_interval_s,
+            ttl_s=settings.heartbeat_ttl_s,
+            on_beat=self.after_heartbeat,
+        )
+        self._published = threading.Event()  # this process has bootstrapped and published
+        self._running_threads = 0  # the heartbeat outlives every worker thread but the last
+        self._lock = threading.Lock()
+
+    def thread_started(self) -> None:
+        """Each worker thread, as it starts; the background threads start with the first."""
+        configure_worker_logging(self.settings.log_dir)
+        with self._lock:
+            self._running_threads += 1
+        self.heartbeat.start()
+        self.huey.storage.start_renewing(self.settings.heartbeat_interval_s)
+
+    def thread_stopped(self) -> None:
+        """Each worker thread, as it stops (gracefully: its last task has ended). The heartbeat,
+        which renews the leases of tasks still running, stops with the last thread."""
+        self.huey.storage.release()
+        with self._lock:
+            self._running_threads -= 1
+            last = self._running_threads <= 0
+        if last:
+            self.huey.storage.stop_renewing()
+            self.heartbeat.stop()
+            self._published.clear()
+
+    def after_heartbeat(self) -> None:
+        self.lifecycle.reap_lost_tasks()
+        self.keep_models_published()
+
+    def keep_models_published(self) -> None:
+        """After every heartbeat: until it has once succeeded, bootstrap and publish the models
+        (Redis may not have been up at start); publish them again if Redis lost its data; and
+        load every active version, so a promotion made elsewhere costs no request a load."""
+        conn = self.huey.storage.conn
+        published = entries(conn)
+        if not self._published.is_set() or not published:
+            if self._published.is_set():
+                logger.warning("the model index is gone from Redis; republishing")
+            self.refresh()
+            published = entries(conn)
+            self._published.set()
+        on_disk = self.store.names()
+        active = {(e.name, e.active) for e in published.values() if e.name in on_disk}
+        self.registry.keep_active(active)
