@@ -17,11 +17,12 @@ from fastapi.testclient import TestClient
 import core
 import main
 from hueyserve import models
+from hueyserve.api.services import Services
 from hueyserve.api.grouping import MAX_HOLD_S, Grouper, GroupKey, Member, SendGroup
 from hueyserve.worker import publishing
 from hueyserve.worker.batching import Batcher, Batchers, BatchPolicy
 from hueyserve.worker.registry import LoadedModel
-from tests.helpers import wait_for
+from tests.helpers import services_of, wait_for
 
 
 class RecordingModel:
@@ -137,7 +138,7 @@ def test_concurrent_http_requests_are_batched_in_the_worker(
         serve_model("rec", model, n_features=1, client=client)
         # Every request its own task at once, so the worker has tasks to batch; the API's
         # grouping of requests has tests of its own below.
-        client.app.state.service.inference.grouper.max_in_flight = 0  # type: ignore[attr-defined]
+        services_of(client).inference.grouper.max_in_flight = 0
         post = lambda v: client.post("/v1/models/rec:predict", json={"instances": [[v]]})  # noqa: E731
         first = pool.submit(post, 0.0)
         assert model.started.wait(10)
@@ -274,11 +275,10 @@ def test_a_group_is_one_task_and_each_request_keeps_its_own_job(
     metadata = {"n_features": 1, "features": ["x0"]}
     core.worker.registry.register(LoadedModel("group", "1", model, metadata))
     publishing.publish(redis_conn, models.ModelEntry("group", "1", {"1": metadata}))
-    import main
 
     async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], int]:
-        async with main.lifespan(main.app):
-            service = main.app.state.services
+        async with main.app.router.lifespan_context(main.app):
+            service: Services = main.app.state.services
             async with asyncio.timeout(10):
                 while "group" not in service.catalog.models:
                     await asyncio.sleep(0.02)
