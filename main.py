@@ -5,6 +5,9 @@ Paths and who may call them live in hueyserve.api.paths, bodies in hueyserve.api
 hueyserve.api.v2, the work in the services of hueyserve.api (inference, jobs, health), and the
 app's lifespan and middleware in hueyserve.api.app. Every domain error becomes its HTTP answer
 in the one handler below.
+
+The module is over 300 lines on purpose: it is the whole HTTP surface in one place, each route
+a decorator that documents it and a few lines that call a service.
 """
 
 from __future__ import annotations

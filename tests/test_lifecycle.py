@@ -243,10 +243,12 @@ def test_active_versions_are_never_evicted(model_store: ModelStore) -> None:
     registry.keep_active({("diabetes", "1"), ("iris", "1")})
     held = registry.get("iris", "1")
     model_store.save("diabetes", *model_store_model(model_store))
-    registry.get("diabetes", "2")  # an old-version request fills the one-slot LRU
+    newest = registry.get("diabetes", "2")  # an old-version request fills the one-slot LRU
     assert registry.get("iris", "1") is held
     registry.keep_active({("diabetes", "2")})  # iris no longer active: back into the LRU
-    assert registry.get("diabetes", "2") is registry.get("diabetes", "2")
+    registry.get("diabetes", "1")  # fills the one slot: iris is evicted
+    assert registry.get("diabetes", "2") is newest  # active now: kept, never loaded again
+    assert registry.get("iris", "1") is not held  # evicted once no longer active: loaded again
 
 
 def model_store_model(store: ModelStore) -> tuple[Any, dict[str, Any]]:

@@ -196,9 +196,13 @@ def test_a_task_whose_worker_keeps_dying_fails_with_worker_lost(gated: Gated) ->
     core.worker.lifecycle.reap_lost_tasks()
     failed = client.get(f"/v1/jobs/{job_id}").json()
     assert failed["status"] == "failed" and failed["error"].startswith("worker_lost")
+    conn = core.huey.storage.conn
+    assert conn.zcard(core.huey.storage.queue_key) == 0  # not queued again...
+    assert conn.zcard(core.huey.storage.leases_key) == 1  # ...and only the blocker is leased
     gate.release.set()
-    time.sleep(0.3)
-    assert 22.0 not in gate.calls
+    later = submit(client, 23.0)  # same priority, so it would run after a requeued 22
+    poll_job(client, later)
+    assert 22.0 not in gate.calls and 23.0 in gate.calls
 
 
 def test_running_tasks_hold_renewed_leases(gated: Gated) -> None:

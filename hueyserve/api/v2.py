@@ -5,6 +5,9 @@ data extension, as raw little-endian bytes after a JSON header whose length the
 `Inference-Header-Content-Length` header gives; tritonclient sends and asks for binary by
 default. Triton's schedule-policy parameters are honoured with Triton's meaning: `priority`
 1 is the most urgent (0 = default) and `timeout` is in microseconds.
+
+The module is over 300 lines on purpose: it is the whole codec of one protocol (bodies,
+binary tensors, schedule policy, outputs, metadata), which is read and changed together.
 """
 
 from __future__ import annotations

@@ -60,12 +60,13 @@ class ModelRegistry:
         """Hold these (name, version) pairs loaded, loading those that are not; versions no
         longer active go back to the LRU."""
         with self._lock:
-            for key in set(self._active) - active:
-                self._loaded[key] = self._active.pop(key)
+            # Newly active ones first: moving the others back into the LRU could evict them.
             for key in active - set(self._active) - set(self._pinned):
                 self._active[key] = (
                     self._loaded.pop(key) if key in self._loaded else self._load(key)
                 )
+            for key in set(self._active) - active:
+                self._loaded[key] = self._active.pop(key)
 
     def _load(self, key: tuple[str, str]) -> LoadedModel:
         name, version = key
