@@ -27,7 +27,7 @@ install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
 run: install
-	$(PY) -m hueyserve.stack --host $(HOST) --port $(PORT)
+	$(PY) -m hueyserve.dev.stack --host $(HOST) --port $(PORT)
 
 test: install-dev
 	$(PY) -m pytest

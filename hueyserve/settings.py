@@ -90,8 +90,8 @@ class Settings(BaseSettings):
         2,
         ge=0,
         description="API process: sync requests of one model version and priority travel as "
-        "one task per event-loop turn; while this many such tasks await answers, new ones "
-        "gather until one is answered (0: no limit).",
+        "one task (a group) per event-loop turn; while this many groups await answers, new "
+        "requests join the next group until one is answered (0: no limit).",
     )
     batch_max_wait_ms: float = Field(
         0.0, ge=0, description="How long a batch may wait for more tasks (0: take what waits)."

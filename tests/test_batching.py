@@ -160,14 +160,14 @@ def test_requests_of_one_turn_form_one_group_per_key() -> None:
         sent.append((key, [m.job_id for m in members]))
 
     async def scenario() -> None:
-        gatherer = Grouper(send, max_rows=4, max_in_flight=0)
+        grouper = Grouper(send, max_rows=4, max_in_flight=0)
         rows = np.zeros((1, 1))
-        same_turn = [gatherer.add(("m", "1", 10), f"a{i}", rows) for i in range(3)]
-        same_turn.append(gatherer.add(("m", "1", 90), "urgent", rows))  # another priority
-        same_turn.append(gatherer.add(("m", "2", 10), "v2", rows))  # another version
-        same_turn += [gatherer.add(("m", "1", 10), f"b{i}", rows) for i in range(3)]  # > 4 rows
+        same_turn = [grouper.add(("m", "1", 10), f"a{i}", rows) for i in range(3)]
+        same_turn.append(grouper.add(("m", "1", 90), "urgent", rows))  # another priority
+        same_turn.append(grouper.add(("m", "2", 10), "v2", rows))  # another version
+        same_turn += [grouper.add(("m", "1", 10), f"b{i}", rows) for i in range(3)]  # > 4 rows
         await asyncio.gather(*(member.enqueued for member in same_turn))
-        await gatherer.add(("m", "1", 10), "later", rows).enqueued  # alone: sent by itself
+        await grouper.add(("m", "1", 10), "later", rows).enqueued  # alone: sent by itself
 
     asyncio.run(scenario())
     assert sent == [
@@ -184,8 +184,8 @@ def test_a_failed_enqueue_fails_every_request_of_the_group() -> None:
         raise ConnectionError("Redis is down")
 
     async def scenario() -> list[Any]:
-        gatherer = Grouper(send, max_rows=16, max_in_flight=0)
-        members = [gatherer.add(("m", "1", 10), str(i), np.zeros((1, 1))) for i in range(3)]
+        grouper = Grouper(send, max_rows=16, max_in_flight=0)
+        members = [grouper.add(("m", "1", 10), str(i), np.zeros((1, 1))) for i in range(3)]
         return await asyncio.gather(*(m.enqueued for m in members), return_exceptions=True)
 
     assert [type(e) for e in asyncio.run(scenario())] == [ConnectionError] * 3
@@ -201,20 +201,20 @@ def recorder() -> tuple[list[list[str]], SendGroup]:
     return sent, send
 
 
-def test_while_groups_await_answers_new_requests_gather() -> None:
+def test_while_groups_await_answers_new_requests_join_the_next_group() -> None:
     sent, send = recorder()
 
     async def scenario() -> None:
-        gatherer = Grouper(send, max_rows=3, max_in_flight=1)
+        grouper = Grouper(send, max_rows=3, max_in_flight=1)
         rows = np.zeros((1, 1))
-        first = gatherer.add(("m", "1", 10), "first", rows)
+        first = grouper.add(("m", "1", 10), "first", rows)
         await first.enqueued
         later = []
         for i in range(4):  # one per turn: without the limit, each would be a task
-            later.append(gatherer.add(("m", "1", 10), f"later{i}", rows))
+            later.append(grouper.add(("m", "1", 10), f"later{i}", rows))
             await asyncio.sleep(0)
         assert sent == [["first"], ["later0", "later1", "later2"]]  # full: sent anyway
-        gatherer.answered(first)  # frees the key: what gathered meanwhile goes now
+        grouper.answered(first)  # frees the key: what joined meanwhile goes now
         await later[3].enqueued
 
     asyncio.run(scenario())
@@ -227,11 +227,11 @@ def test_a_held_group_goes_after_at_most_the_hold_limit() -> None:
     sent, send = recorder()
 
     async def scenario() -> float:
-        gatherer = Grouper(send, max_rows=64, max_in_flight=1)
+        grouper = Grouper(send, max_rows=64, max_in_flight=1)
         rows = np.zeros((1, 1))
-        await gatherer.add(("m", "1", 10), "lost", rows).enqueued  # never answered
+        await grouper.add(("m", "1", 10), "lost", rows).enqueued  # never answered
         started = time.monotonic()
-        await gatherer.add(("m", "1", 10), "held", rows).enqueued
+        await grouper.add(("m", "1", 10), "held", rows).enqueued
         return time.monotonic() - started
 
     held_s = asyncio.run(scenario())
@@ -247,15 +247,15 @@ def test_a_request_that_gives_up_leaves_its_group_and_nothing_waits_forever() ->
         sent.append([m.job_id for m in members])
 
     async def scenario() -> None:
-        gatherer = Grouper(send, max_rows=64, max_in_flight=1)
+        grouper = Grouper(send, max_rows=64, max_in_flight=1)
         rows = np.zeros((1, 1))
-        first = gatherer.add(("m", "1", 10), "first", rows)
+        first = grouper.add(("m", "1", 10), "first", rows)
         await first.enqueued
-        quitter, stayer = (gatherer.add(("m", "1", 10), name, rows) for name in ("q", "s"))
+        quitter, stayer = (grouper.add(("m", "1", 10), name, rows) for name in ("q", "s"))
         quitter.enqueued.cancel()  # its request was cancelled while the group was held
-        gatherer.answered(quitter)
-        later = gatherer.add(("m", "1", 10), "x", rows)
-        gatherer.answered(first)  # frees the key: the held group goes, without the quitter
+        grouper.answered(quitter)
+        later = grouper.add(("m", "1", 10), "x", rows)
+        grouper.answered(first)  # frees the key: the held group goes, without the quitter
         await stayer.enqueued
         assert later.group is stayer.group
         await later.enqueued

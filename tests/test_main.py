@@ -440,7 +440,7 @@ def test_result_listener_survives_a_bad_message_and_a_killed_connection(
 def test_a_repeated_body_is_answered_before_parsing_and_never_stale(
     client: TestClient, model_store: ModelStore
 ) -> None:
-    """hueyserve.hot_path: the same bytes again are a hit (no job), but not when the request
+    """hueyserve.api.answers: the same bytes again are a hit (no job), but not when the request
     asks for something else (async, another content type) or the version changed."""
     raw = b'{"instances": [[0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1]]}'
     json_type = {"Content-Type": "application/json"}
