@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 import core
 import main
 from hueyserve import models
-from hueyserve.api.services import Services
 from hueyserve.api.grouping import MAX_HOLD_S, Grouper, GroupKey, Member, SendGroup
+from hueyserve.api.services import Services
 from hueyserve.worker import publishing
 from hueyserve.worker.batching import Batcher, Batchers, BatchPolicy
 from hueyserve.worker.registry import LoadedModel
