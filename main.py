@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Header, Request, Response
@@ -60,6 +60,7 @@ async def get_services(request: Request) -> Services:  # async: no threadpool ho
 
 
 Api = Annotated[Services, Depends(get_services)]
+Prefer = Annotated[str | None, Header()]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -120,20 +121,24 @@ PREDICT_BODY = {
     "required": True,
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
 }
+#: What both v1 predict routes declare (the body is read raw, so it is documented here).
+PREDICT_ROUTE: dict[str, Any] = {
+    "response_model": PredictResponse,
+    "responses": {202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
+    "openapi_extra": {"requestBody": PREDICT_BODY},
+}
 
 
 @app.post(
     paths.V1_PREDICT,
-    response_model=PredictResponse,
-    responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
-    openapi_extra={"requestBody": PREDICT_BODY},
+    **PREDICT_ROUTE,
     summary="Predict with the active version (blocking), or a job with `Prefer: respond-async`",
 )
 async def predict(
     name: str,
     request: Request,
     api: Api,
-    prefer: Annotated[str | None, Header()] = None,
+    prefer: Prefer = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     model = api.catalog.get(name)
@@ -142,9 +147,7 @@ async def predict(
 
 @app.post(
     paths.V1_PREDICT_VERSION,
-    response_model=PredictResponse,
-    responses={202: {"model": JobAccepted, "description": "With `Prefer: respond-async`."}},
-    openapi_extra={"requestBody": PREDICT_BODY},
+    **PREDICT_ROUTE,
     summary="Predict with one version, active or not",
 )
 async def predict_version(
@@ -152,7 +155,7 @@ async def predict_version(
     version: str,
     request: Request,
     api: Api,
-    prefer: Annotated[str | None, Header()] = None,
+    prefer: Prefer = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     model = api.catalog.get(name, version)
@@ -262,7 +265,7 @@ async def infer(
     name: str,
     request: Request,
     api: Api,
-    prefer: Annotated[str | None, Header()] = None,
+    prefer: Prefer = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     return await infer_v2(api, name, None, request, prefer, idempotency_key)
@@ -279,7 +282,7 @@ async def infer_version(
     version: str,
     request: Request,
     api: Api,
-    prefer: Annotated[str | None, Header()] = None,
+    prefer: Prefer = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     return await infer_v2(api, name, version, request, prefer, idempotency_key)

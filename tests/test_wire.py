@@ -87,3 +87,12 @@ def test_outputs_are_cut_back_into_parts() -> None:
         {"predict": [1, 2], "predict_proba": [[0.1], [0.2]]},
         {"predict": [3], "predict_proba": [[0.3]]},
     ]
+
+
+def test_only_calls_that_succeeded_are_observed() -> None:
+    model = Model()
+    calls: list[tuple[int, int]] = []
+    parts = [np.array([[1.0]]), np.array([[-1.0], [2.0]]), np.array([[3.0]])]
+    predict_parts(model.predict, parts, lambda n, rows, seconds: calls.append((n, rows)))
+    assert model.calls == [4, 1, 3, 2, 1]  # the whole, then halves: [p0] ok, [p1, p2]...
+    assert calls == [(1, 1), (1, 1)]  # p0 and p2 alone; the three failed calls tell nothing

@@ -73,7 +73,9 @@ class CachedAnswers:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = None
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = next(((t, m) for t, regex in ROUTES if (m := regex.match(scope["path"]))), None)
+            match = next(
+                ((t, m) for t, regex in ROUTES if (m := regex.fullmatch(scope["path"]))), None
+            )
         services = getattr(scope["app"].state, "services", None)
         if match is None or services is None or not _plain_json(scope["headers"]):
             await self.app(scope, receive, send)

@@ -172,12 +172,12 @@ class TaskQueue:
         as the matching ServiceError."""
         try:
             payload = await self.results.wait(job_id, timeout_s)
+            if payload is None:
+                value = await self.result(job_id)  # a last look, in case the wake-up was missed
+            else:
+                value = self.huey.serializer.deserialize(payload)
         except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
             raise ResultUnavailable(job_id, exc.message) from exc
-        if payload is None:
-            value = await self.result(job_id)  # a last look, in case the wake-up was missed
-        else:
-            value = self.huey.serializer.deserialize(payload)
         if value is EmptyData:
             raise PredictTimeout(job_id, timeout_s)
         if isinstance(value, Error):

@@ -62,22 +62,35 @@ class _Slot:
         self.wake.set()
 
 
+#: Told of each call that succeeded: (parts, rows, seconds).
+CallObserver = Callable[[int, int, float], None]
+
+
 def predict_parts(
-    predict: Callable[[np.ndarray], Outputs], parts: list[np.ndarray]
+    predict: Callable[[np.ndarray], Outputs],
+    parts: list[np.ndarray],
+    on_call: CallObserver | None = None,
 ) -> list[Answer]:
     """Each part's outputs from one call on all of them; if it fails, each half again, until
     a bad part is alone and gets its own error."""
     if not parts:
         return []
     try:
-        if len(parts) == 1:
-            return [predict(parts[0])]
-        return list(split_rows(predict(np.concatenate(parts)), [len(p) for p in parts]))
+        features = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        started = time.perf_counter()
+        outputs = predict(features)
+        seconds = time.perf_counter() - started
     except Exception as exc:
         if len(parts) == 1:
             return [exc]
         half = len(parts) // 2
-        return [*predict_parts(predict, parts[:half]), *predict_parts(predict, parts[half:])]
+        return [
+            *predict_parts(predict, parts[:half], on_call),
+            *predict_parts(predict, parts[half:], on_call),
+        ]
+    if on_call is not None:
+        on_call(len(parts), len(features), seconds)
+    return [outputs] if len(parts) == 1 else list(split_rows(outputs, [len(p) for p in parts]))
 
 
 #: Called after every predict call: (model, version, rows, tasks, seconds).
@@ -157,7 +170,7 @@ class Batcher:
         except Exception as exc:  # our own fault; still, never leave a task waiting
             logger.exception("batch of %s failed", self.key)
             for slot in batch:
-                if not slot.wake.is_set():
+                if slot.answers is None and slot.error is None:
                     slot.finish(None, exc)
         with self._cond:
             self._pass_lead()
@@ -190,23 +203,28 @@ class Batcher:
         return sum(slot.rows for slot in self._pending)
 
     def _run(self, batch: list[_Slot]) -> None:
-        started = time.perf_counter()
         try:
             model = self.load(*self.key)
         except Exception as exc:  # no part can be answered: each gets the load's error
             for slot in batch:
                 slot.finish([exc] * len(slot.parts), None)
             return
-        answers = predict_parts(model.predict, [part for slot in batch for part in slot.parts])
-        seconds = time.perf_counter() - started
+        parts = [part for slot in batch for part in slot.parts]
+        calls: list[tuple[int, int, float]] = []
+        answers = predict_parts(model.predict, parts, lambda *call: calls.append(call))
         start = 0
         for slot in batch:  # first: nothing below may cost a task its answers
             slot.finish(answers[start : start + len(slot.parts)], None)
             start += len(slot.parts)
-        self.adapt(seconds)
+        for n_parts, rows, seconds in calls:  # calls that failed tell nothing of the limit
+            self.adapt(seconds)
+            # A call on the whole batch served every task; one on a half, each part alone.
+            self._observe(rows, len(batch) if n_parts == len(parts) else n_parts, seconds)
+
+    def _observe(self, rows: int, tasks: int, seconds: float) -> None:
         if self.observe is not None:
             try:
-                self.observe(*self.key, sum(slot.rows for slot in batch), len(batch), seconds)
+                self.observe(*self.key, rows, tasks, seconds)
             except Exception:
                 logger.exception("batch observer failed")
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
@@ -29,10 +29,12 @@ from sklearn.model_selection import train_test_split
 
 from hueyserve import datasets
 from hueyserve.models import label_datatype
-from hueyserve.settings import Settings
 from hueyserve.training import DEMOS, TrainingError, TrainPlan, build_estimator
 from hueyserve.wire import TRAINING_LOCK_KEY
 from hueyserve.worker.store import ModelStore
+
+if TYPE_CHECKING:  # the training child imports this module and needs no settings
+    from hueyserve.settings import Settings
 
 logger = logging.getLogger(__name__)
 

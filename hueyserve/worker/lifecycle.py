@@ -42,6 +42,7 @@ from huey.utils import Error
 
 from hueyserve import metrics
 from hueyserve.jobs import ENDED, JobKind
+from hueyserve.settings import Settings
 from hueyserve.wire import Members, job_ids, job_key, message_of, reply_to, result_message
 from hueyserve.worker.batching import Answer
 from hueyserve.worker.leases import LeasingStorage
@@ -69,16 +70,21 @@ def reason(exc: BaseException) -> str:
 class JobLifecycle:
     """One per worker process: moves its tasks' jobs through their states."""
 
-    def __init__(
-        self, huey: Huey, records: JobRecorder, *, result_ttl_s: int, max_attempts: int
-    ) -> None:
+    def __init__(self, huey: Huey, records: JobRecorder, settings: Settings) -> None:
         self.huey = huey
-        self.storage: LeasingStorage = huey.storage
-        self.conn: redis.Redis = huey.storage.conn
         self.records = records
-        self.result_ttl_s = result_ttl_s
-        self.max_attempts = max_attempts
+        self.settings = settings  # read at each event, as the rest of the worker does
         self._started: dict[str, float] = {}  # running task id -> perf_counter at its start
+
+    @property
+    def storage(self) -> LeasingStorage:
+        storage: LeasingStorage = self.huey.storage  # Huey may replace it (immediate mode)
+        return storage
+
+    @property
+    def conn(self) -> redis.Redis:
+        conn: redis.Redis = self.storage.conn
+        return conn
 
     def connect(self) -> None:
         """Register every hook with Huey, in the order of the table above."""
@@ -209,7 +215,7 @@ class JobLifecycle:
                 self.conn.zrem(leases, entry)
                 continue
             deaths = int(lost or 0) + 1
-            if deaths < self.max_attempts:
+            if deaths < self.settings.max_attempts:
                 why = f"worker_lost: its worker died ({deaths}); queued again"
                 self._requeue(task, entry, why, deaths)
             elif self.conn.zrem(leases, entry):  # this reaper won the task
@@ -243,6 +249,6 @@ class JobLifecycle:
     ) -> None:
         """A job's result (a value or an Error) in Huey's format and key, and the wake-up of
         the API process waiting for it, which gets the payload itself and so needs no read."""
-        pipe.set(self.storage.result_key(job_id), payload, ex=self.result_ttl_s)
+        pipe.set(self.storage.result_key(job_id), payload, ex=self.settings.result_ttl_s)
         if channel is not None:
             pipe.publish(channel, result_message(job_id, payload))

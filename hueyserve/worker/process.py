@@ -51,12 +51,7 @@ class WorkerProcess:
         )
         self.trainer = Trainer(conn, self.store, settings)
         self.records = JobRecorder(conn, ttl_s=settings.result_ttl_s)
-        self.lifecycle = JobLifecycle(
-            huey,
-            self.records,
-            result_ttl_s=settings.result_ttl_s,
-            max_attempts=settings.max_attempts,
-        )
+        self.lifecycle = JobLifecycle(huey, self.records, settings)
         self.heartbeat = Heartbeat(
             conn,
             interval_s=settings.heartbeat_interval_s,
