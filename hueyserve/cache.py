@@ -35,15 +35,10 @@ class PredictionCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: CacheKey) -> Any | None:
-        value = self.peek(key)
-        if value is None and self.maxsize:
-            self.misses += 1
-            self._miss.inc()
-        return value
-
-    def peek(self, key: CacheKey) -> Any | None:
-        """Like `get`, but a miss is not counted (a cheaper first look, before `get`)."""
+    def get(self, key: CacheKey, *, count_miss: bool = True) -> Any | None:
+        """The cached value, or None. Hits are always counted; a first look that is followed
+        by a second one on a miss (the answer cache, then the parsed input) passes
+        `count_miss=False`, so one request counts one miss at most."""
         if self.maxsize == 0:
             return None
         with self._lock:
@@ -51,6 +46,9 @@ class PredictionCache:
         if value is not None:
             self.hits += 1
             self._hit.inc()
+        elif count_miss:
+            self.misses += 1
+            self._miss.inc()
         return value
 
     def put(self, key: CacheKey, predictions: Any) -> None:

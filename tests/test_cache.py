@@ -30,3 +30,12 @@ def test_zero_size_turns_the_cache_off() -> None:
     key = cache_key("m", "1", np.asarray([[1.0]]))
     cache.put(key, [1])
     assert cache.get(key) is None and cache.stats()["size"] == 0
+
+
+def test_a_first_look_counts_its_hit_but_not_its_miss() -> None:
+    cache = PredictionCache(4, where="api")
+    key = cache_key("m", "1", np.zeros((1, 2)))
+    assert cache.get(key, count_miss=False) is None
+    cache.put(key, [0])
+    assert cache.get(key, count_miss=False) == [0]
+    assert (cache.stats()["hits"], cache.stats()["misses"]) == (1, 0)

@@ -18,6 +18,7 @@ import core
 import main
 from hueyserve import wire
 from hueyserve.api.schemas import EXAMPLE_ROWS
+from hueyserve.api.services import Services
 from hueyserve.settings import settings
 from hueyserve.worker.store import ModelStore
 from tests.helpers import (
@@ -25,7 +26,6 @@ from tests.helpers import (
     FlakyModel,
     GateModel,
     poll_job,
-    services_of,
     train_diabetes,
     wait_for,
 )
@@ -64,17 +64,18 @@ def test_jobs_endpoint_submits_explicitly(client: TestClient) -> None:
     assert job["priority"] == settings.async_priority
 
 
-def test_cache_hit_skips_enqueue(client: TestClient, redis_conn: redis.Redis) -> None:
-    service = services_of(client)
+def test_cache_hit_skips_enqueue(
+    client: TestClient, services: Services, redis_conn: redis.Redis
+) -> None:
     first = client.post(PREDICT, json={"instances": [[1, 0, 2, 0, 0, 0, 0, 0, 0, 0]]})
     assert first.headers["X-Cache"] == "miss"
-    enqueued = service.queue.enqueued
+    enqueued = services.queue.enqueued
     # the same values written differently (ints, then floats) are the same canonical input
     second = client.post(PREDICT, json={"instances": [[1.0, 0.0, 2.0] + [0.0] * 7]})
     assert second.headers["X-Cache"] == "hit"
     assert "X-Job-Id" not in second.headers
     assert second.json() == first.json()
-    assert service.queue.enqueued == enqueued
+    assert services.queue.enqueued == enqueued
     assert client.get("/health").json()["cache"]["hits"] == 1
 
 
@@ -114,15 +115,14 @@ def test_failure_after_retries_is_reported(client: TestClient, serve_model: Any)
 
 
 def test_refresh_serves_new_version_without_stale_cache(
-    client: TestClient, model_store: ModelStore
+    client: TestClient, services: Services, model_store: ModelStore
 ) -> None:
     old = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
     assert client.post(PREDICT, json={"instances": EXAMPLE_ROWS}).headers["X-Cache"] == "hit"
     model, metadata = train_diabetes(n_estimators=5)
     assert model_store.save("diabetes", model, metadata) == "2"
     core.huey.enqueue(core.refresh_models.s())  # what the crontab does every minute
-    service = services_of(client)
-    wait_for(lambda: service.catalog.get("diabetes").version == "2", "the API to see version 2")
+    wait_for(lambda: services.catalog.get("diabetes").version == "2", "the API to see version 2")
     new = client.post(PREDICT, json={"instances": EXAMPLE_ROWS})
     assert new.headers["X-Cache"] == "miss" and new.headers["X-Model-Version"] == "2"
     assert new.json()["predictions"] == model.predict(np.array(EXAMPLE_ROWS)).tolist()
@@ -332,11 +332,12 @@ def submit(client: TestClient, model: str, value: float, *, priority: int) -> st
     return job_id
 
 
-def test_identical_requests_in_flight_share_one_task(client: TestClient, serve_model: Any) -> None:
+def test_identical_requests_in_flight_share_one_task(
+    client: TestClient, services: Services, serve_model: Any
+) -> None:
     gate = GateModel()
     serve_model("gate", gate, n_features=1, client=client)
-    service = services_of(client)
-    enqueued = service.queue.enqueued
+    enqueued = services.queue.enqueued
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(client.post, "/v1/models/gate:predict", json={"instances": [[7]]})
         assert gate.started.wait(10)
@@ -344,13 +345,13 @@ def test_identical_requests_in_flight_share_one_task(client: TestClient, serve_m
             pool.submit(client.post, "/v1/models/gate:predict", json={"instances": [[7]]})
             for _ in range(4)
         ]
-        wait_for(lambda: service.inference.cache.misses >= 5, "the four to look up the cache")
+        wait_for(lambda: services.inference.cache.misses >= 5, "the four to look up the cache")
         gate.release.set()
         responses = [first.result(), *(other.result() for other in others)]
     assert [r.json()["predictions"] for r in responses] == [[7.0]] * 5
     assert [r.headers["X-Cache"] for r in responses] == ["miss"] + ["coalesced"] * 4
     assert len({r.headers["X-Job-Id"] for r in responses}) == 1
-    assert gate.calls == [7.0] and service.queue.enqueued == enqueued + 1
+    assert gate.calls == [7.0] and services.queue.enqueued == enqueued + 1
 
 
 def test_requests_sharing_a_task_share_its_error(client: TestClient, serve_model: Any) -> None:
@@ -405,18 +406,19 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return samples
 
 
-def test_a_joined_request_outlives_a_short_leader(client: TestClient, serve_model: Any) -> None:
+def test_a_joined_request_outlives_a_short_leader(
+    client: TestClient, services: Services, serve_model: Any
+) -> None:
     """The first request gives up after 0.3 s (504); the identical one that joined it waits
     as long as it asked and gets the answer."""
     gate = GateModel()
     serve_model("gate", gate, n_features=1, client=client)
-    service = services_of(client)
     with ThreadPoolExecutor(2) as pool:
         body = {"instances": [[5]]}
         short = pool.submit(client.post, "/v1/models/gate:predict", json={**body, "timeout": 0.3})
         assert gate.started.wait(10)
         patient = pool.submit(client.post, "/v1/models/gate:predict", json=body)
-        wait_for(lambda: service.inference.cache.misses >= 2, "the second request to join")
+        wait_for(lambda: services.inference.cache.misses >= 2, "the second request to join")
         assert short.result().status_code == 504
         gate.release.set()
         answer = patient.result()
@@ -425,9 +427,9 @@ def test_a_joined_request_outlives_a_short_leader(client: TestClient, serve_mode
 
 
 def test_result_listener_survives_a_bad_message_and_a_killed_connection(
-    client: TestClient, redis_conn: redis.Redis
+    client: TestClient, services: Services, redis_conn: redis.Redis
 ) -> None:
-    listener = services_of(client).queue.results
+    listener = services.queue.results
     redis_conn.publish(listener.channel, b"\xff\xfe not a task id")
     assert redis_conn.client_kill_filter(_type="pubsub") >= 1
     wait_for(lambda: listener.connected.is_set(), "the listener to resubscribe")

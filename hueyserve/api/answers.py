@@ -45,7 +45,7 @@ class AnswerCache:
             model = self.catalog.get(name, version)
         except ServiceError:  # unknown model or version: the route says so
             return None
-        content = self.cache.peek(_key(model, body))
+        content = self.cache.get(_key(model, body), count_miss=False)
         return None if content is None else (model, content)
 
     def keep(self, model: ModelVersion, body: bytes, content: bytes) -> None:
