@@ -53,6 +53,8 @@ huey = PriorityRedisExpireHuey(
         health_check_interval=30,
     ),
 )
+# What a consumer process holds. The API imports this module for the tasks and builds it too,
+# but only a consumer's hooks start it.
 worker = WorkerProcess(huey, settings, refresh=lambda: refresh_models.call_local())  # type: ignore[has-type]
 worker.lifecycle.connect()
 huey.on_startup(name="thread_started")(worker.thread_started)
