@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hueyserve import wire
 from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
 from hueyserve.worker import publishing
+from hueyserve.worker.fitting import Trainer
 from hueyserve.worker.registry import ModelRegistry
 from hueyserve.worker.store import ModelStore
 from tests.helpers import PREDICT, poll_job, services_of, wait_for
@@ -253,3 +255,19 @@ def test_active_versions_are_never_evicted(model_store: ModelStore) -> None:
 
 def model_store_model(store: ModelStore) -> tuple[Any, dict[str, Any]]:
     return store.load("diabetes", "1"), store.metadata("diabetes", "1")
+
+
+def test_the_training_lock_is_renewed_while_a_training_runs(
+    redis_conn: redis.Redis, model_store: ModelStore
+) -> None:
+    """Issue 11.4: the lock was renewed from another thread with redis-py's per-thread token,
+    so every renewal failed and a second training started once the first lease lapsed."""
+    short = settings.model_copy(update={"lease_s": 3.0})
+    first, second = (Trainer(redis_conn, model_store, short) for _ in range(2))
+    with first.slot(wait_s=None) as mine:
+        assert mine
+        time.sleep(4.0)  # past the lease: only renewals keep the lock
+        with second.slot(wait_s=None) as theirs:
+            assert not theirs, "a second training got the lock while the first one ran"
+    with second.slot(wait_s=None) as theirs:
+        assert theirs  # released at the end

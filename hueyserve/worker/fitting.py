@@ -214,7 +214,11 @@ class Trainer:
         and is renewed while the training runs, so a worker that dies while training frees
         it soon."""
         lease_s = self.settings.lease_s
-        lock: Lock = self.conn.lock(TRAINING_LOCK_KEY, timeout=lease_s, blocking_timeout=wait_s)
+        # Not thread-local: redis-py would keep the token in the acquiring thread only, and
+        # every renewal from the renewing thread would fail.
+        lock: Lock = self.conn.lock(
+            TRAINING_LOCK_KEY, timeout=lease_s, blocking_timeout=wait_s, thread_local=False
+        )
         if not lock.acquire(blocking=wait_s is not None):
             yield False
             return
@@ -224,7 +228,7 @@ class Trainer:
             while not done.wait(lease_s / 3):
                 try:
                     lock.extend(lease_s, replace_ttl=True)
-                except (LockError, RedisError) as exc:
+                except Exception as exc:  # never let the renewals stop: the lock would lapse
                     logger.warning("could not renew the training lock: %s", exc)
 
         threading.Thread(target=renew, name="training-lock", daemon=True).start()
