@@ -225,3 +225,46 @@ def test_an_admin_purge_cancels_every_queued_job(gated: Gated, redis_conn: redis
     assert finished["worker"] and finished["worker"].endswith(f":{os.getpid()}")
     assert [client.get(f"/v1/jobs/{j}").json()["status"] for j in queued] == ["cancelled"] * 3
     assert not {30.0, 31.0, 32.0} & set(gate.calls)
+
+
+# --- issue 11.6: no 500 for a job whose record is gone, or for a duration too long -----------
+
+
+def test_a_job_whose_record_is_gone_still_reads_its_result(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    body = {"model": "diabetes", "instances": [[0.01] * 10]}
+    job_id = client.post("/v1/jobs", json=body).json()["job_id"]
+    done = poll_job(client, job_id)
+    redis_conn.delete(wire.job_key(job_id))  # a DEL, an eviction, or the TTLs' gap
+    job = client.get(f"/v1/jobs/{job_id}")
+    assert job.status_code == 200, job.text
+    assert job.json()["status"] == "done"
+    assert job.json()["result"] == {"outputs": {"predict": done["result"]["predictions"]}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers"),
+    [
+        ("/v1/jobs", {"model": "diabetes", "timeout": 1e12}, {}),
+        ("/v1/models/diabetes:predict", {"timeout": 1e12}, {"Prefer": "respond-async"}),
+        ("/v2/models/diabetes/infer", {"parameters": {"timeout": 10**18}}, {}),
+        (
+            "/v2/models/diabetes/infer",
+            {"parameters": {"timeout": 10**18}},
+            {"Prefer": "respond-async"},
+        ),
+    ],
+)
+def test_a_duration_beyond_a_year_is_refused_with_a_422(
+    client: TestClient, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    rows = [[0.01] * 10]
+    if path.startswith("/v2"):
+        tensor = {"name": "features", "datatype": "FP64", "shape": [1, 10], "data": rows}
+        body = {**body, "inputs": [tensor]}
+    else:
+        body = {**body, "instances": rows}
+    response = client.post(path, json=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert "timeout" in response.json()["error"]

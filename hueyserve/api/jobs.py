@@ -197,8 +197,11 @@ def job_result(record: dict[str, str], value: Any, catalog: ModelCatalog) -> dic
     """A predict job's outputs in the protocol it was submitted with; other kinds as is."""
     if record.get("kind", JobKind.PREDICT.value) != JobKind.PREDICT.value:
         return dict(value)
+    name, version = record.get("model"), record.get("version")
+    if name is None or version is None:  # the record is gone (deleted, evicted, expired)
+        return {"outputs": value}
     try:
-        model = catalog.get(record["model"], record["version"])
+        model = catalog.get(name, version)
     except ServiceError:  # the version is gone from the catalog: give the raw outputs
         return {"outputs": value}
     if record.get("protocol") == "v2":

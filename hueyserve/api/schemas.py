@@ -16,6 +16,9 @@ Instances = Annotated[list[list[Feature]], Field(min_length=1, description="Rows
 #: Longest string any request field may hold (names, ids, parameter values).
 MAX_STRING = 4096
 Priority = Annotated[int, Field(ge=0, le=100, description="0-100; higher runs first.")]
+#: Longest duration a request may ask for (a job's deadline, a wait): longer ones overflow
+#: the dates they become, and nobody means them.
+MAX_DURATION_S = 365 * 24 * 3600
 
 EXAMPLE_ROWS = [
     [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176],
@@ -42,6 +45,7 @@ class PredictRequest(BaseModel):
     timeout: float | None = Field(
         default=None,
         gt=0,
+        le=MAX_DURATION_S,
         description="Sync: seconds to wait for the result. With `Prefer: respond-async`: "
         "seconds the job may wait in the queue before it expires.",
     )
@@ -71,6 +75,7 @@ class JobSubmit(BaseModel):
     timeout: float | None = Field(
         default=None,
         gt=0,
+        le=MAX_DURATION_S,
         description="Seconds the job may wait in the queue; past them it is not run and "
         "reads `expired`.",
     )

@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from hueyserve.api.schemas import MAX_STRING
+from hueyserve.api.schemas import MAX_DURATION_S, MAX_STRING
 from hueyserve.api.validation import validation_failure
 from hueyserve.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError
 from hueyserve.models import ModelVersion, Outputs
@@ -213,6 +213,10 @@ def schedule(parameters: Parameters | None) -> Schedule:
         not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0
     ):
         raise InvalidInput("parameters.timeout is a whole number of microseconds above 0")
+    if timeout is not None and timeout > MAX_DURATION_S * 1_000_000:
+        raise InvalidInput(
+            f"parameters.timeout is at most {MAX_DURATION_S * 1_000_000} microseconds (a year)"
+        )
     return Schedule(
         priority=MAX_PRIORITY_LEVEL + 1 - level if level else None,
         timeout_s=timeout / 1e6 if timeout else None,
