@@ -38,6 +38,20 @@ MODELS_LOCK_KEY = "hueyserve:models:lock"  #: held by a worker while it changes 
 HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker id -> unix time of its last beat
 TRAINING_LOCK_KEY = "hueyserve:training"  #: one training at a time across every worker
 DOORBELL_TOKENS = 1024  #: most tokens kept: idle workers wake at most this often for nothing
+#: The only `maxmemory-policy` under which Redis keeps every queued task and job record: under
+#: any other, a full Redis silently drops them.
+REQUIRED_EVICTION_POLICY = "noeviction"
+
+
+def eviction_problem(policy: str | None) -> str | None:
+    """Why a Redis with this `maxmemory-policy` must not hold jobs (None: it may, or the
+    policy cannot be read, as on some managed services that refuse CONFIG)."""
+    if policy is None or policy == REQUIRED_EVICTION_POLICY:
+        return None
+    return (
+        f"Redis runs with maxmemory-policy {policy}: under memory pressure it drops queued "
+        f"tasks and job records without an error; set maxmemory-policy {REQUIRED_EVICTION_POLICY}"
+    )
 
 
 def job_key(job_id: str) -> str:

@@ -3,6 +3,7 @@ and backpressure, through the real app, queue and workers."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -268,3 +269,29 @@ def test_a_duration_beyond_a_year_is_refused_with_a_422(
     response = client.post(path, json=body, headers=headers)
     assert response.status_code == 422, response.text
     assert "timeout" in response.json()["error"]
+
+
+# --- issue 11.3: a Redis that evicts keys is not a place to keep jobs ------------------------
+
+
+@pytest.fixture
+def evicting_redis(redis_conn: redis.Redis) -> Iterator[redis.Redis]:
+    redis_conn.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        yield redis_conn
+    finally:
+        redis_conn.config_set("maxmemory-policy", "noeviction")
+
+
+def test_readiness_is_false_while_redis_may_evict_keys(
+    client: TestClient, evicting_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    ready = client.get("/v2/health/ready")
+    assert ready.status_code == 503
+    assert any("maxmemory-policy allkeys-lru" in reason for reason in ready.json()["reasons"])
+    assert "noeviction" in " ".join(ready.json()["reasons"])
+    with caplog.at_level(logging.ERROR, "hueyserve.worker.process"):
+        core.worker.check_redis()
+    assert "allkeys-lru" in caplog.text
+    evicting_redis.config_set("maxmemory-policy", "noeviction")
+    assert client.get("/v2/health/ready").status_code == 200

@@ -11,6 +11,7 @@ from hueyserve.api.queue import TaskQueue
 from hueyserve.cache import PredictionCache
 from hueyserve.errors import ServiceError
 from hueyserve.settings import Settings
+from hueyserve.wire import eviction_problem
 
 PRIORITY_LEVELS = range(101)  #: every priority a request, job or periodic task can have
 
@@ -39,6 +40,9 @@ class HealthService:
             await self.queue.ping_ms()
             if not await self.workers():
                 reasons.append("no worker has reported in: start `huey_consumer core.huey`")
+            eviction = eviction_problem(await self.queue.eviction_policy())
+            if eviction:
+                reasons.append(eviction)
         except ServiceError as exc:
             reasons.append(exc.message)
         if not self.catalog.models:

@@ -225,6 +225,16 @@ class TaskQueue:
             counts = await pipe.execute()
         return {level: int(n) for level, n in zip(levels, counts, strict=True) if n}
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's `maxmemory-policy`, or None when CONFIG is refused (managed services)."""
+        try:
+            found = await self.client.config_get("maxmemory-policy")
+        except redis.ResponseError:
+            return None
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            raise RedisUnavailable(exc) from exc
+        return str(found.get("maxmemory-policy")) if found else None
+
     async def depth(self) -> int:
         async with redis_errors():
             return int(await self.client.zcard(self.storage.queue_key))

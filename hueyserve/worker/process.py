@@ -8,11 +8,13 @@ import logging
 import threading
 from collections.abc import Callable
 
+import redis
 from huey import Huey
 
 from hueyserve import metrics
 from hueyserve.cache import PredictionCache
 from hueyserve.settings import Settings
+from hueyserve.wire import eviction_problem
 from hueyserve.worker.batching import Batchers, BatchPolicy
 from hueyserve.worker.fitting import Trainer
 from hueyserve.worker.heartbeat import Heartbeat
@@ -83,8 +85,20 @@ class WorkerProcess:
             self._published.clear()
 
     def after_heartbeat(self) -> None:
+        if not self._published.is_set():  # once per start (and after Redis came back)
+            self.check_redis()
         self.lifecycle.reap_lost_tasks()
         self.keep_models_published()
+
+    def check_redis(self) -> None:
+        """Say loudly when Redis may drop the tasks and records this worker relies on."""
+        try:
+            found = self.huey.storage.conn.config_get("maxmemory-policy")
+        except redis.ResponseError:  # CONFIG refused (managed services): cannot tell
+            return
+        problem = eviction_problem(found.get("maxmemory-policy"))
+        if problem:
+            logger.error("%s", problem)
 
     def keep_models_published(self) -> None:
         """After every heartbeat: until it has once succeeded, bootstrap and publish the models
