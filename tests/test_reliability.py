@@ -3,6 +3,7 @@ and backpressure, through the real app, queue and workers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -11,11 +12,15 @@ from typing import Any, NamedTuple
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 import core
 import main
 from hueyserve import wire
+from hueyserve.api.catalog import ModelCatalog
+from hueyserve.dev.redis_server import EmbeddedRedis, free_port
+from hueyserve.errors import ModelNotFound, ServiceUnavailable
 from hueyserve.settings import settings
 from tests.helpers import GateModel, poll_job, services_of, wait_for
 
@@ -295,3 +300,44 @@ def test_readiness_is_false_while_redis_may_evict_keys(
     assert "allkeys-lru" in caplog.text
     evicting_redis.config_set("maxmemory-policy", "noeviction")
     assert client.get("/v2/health/ready").status_code == 200
+
+
+# --- issue 11.11: Redis unreachable is a 503, not "unknown model" ---------------------------
+
+
+def test_an_unknown_model_is_a_503_while_the_catalog_cannot_be_read(
+    redis_server: EmbeddedRedis,
+) -> None:
+    async def scenario() -> None:
+        dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2)
+        catalog = ModelCatalog(dead, resync_s=1)
+        follower = asyncio.create_task(catalog.follow())
+        try:
+            await asyncio.sleep(0.5)  # the first reads have failed
+            with pytest.raises(ServiceUnavailable) as refused:
+                catalog.get("diabetes")
+            assert refused.value.status_code == 503 and "Redis" in refused.value.message
+        finally:
+            follower.cancel()
+            await asyncio.wait({follower})
+            await dead.aclose()
+        live = aioredis.Redis(port=redis_server.port)
+        catalog = ModelCatalog(live, resync_s=1)
+        await catalog.resync()
+        with pytest.raises(ModelNotFound):  # read, and not there: a real 404
+            catalog.get("no-such-model")
+        await live.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_result_that_cannot_be_read_is_a_failed_job_not_a_500(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    body = {"model": "diabetes", "instances": [[0.02] * 10]}
+    job_id = client.post("/v1/jobs", json=body).json()["job_id"]
+    poll_job(client, job_id)
+    redis_conn.set(core.huey.storage.result_key(job_id), b"not what the workers wrote")
+    job = client.get(f"/v1/jobs/{job_id}")
+    assert job.status_code == 200, job.text
+    assert job.json()["status"] == "failed" and "cannot be read" in job.json()["error"]

@@ -15,7 +15,7 @@ import time
 import redis
 import redis.asyncio as aioredis
 
-from hueyserve.errors import ModelNotFound
+from hueyserve.errors import ModelNotFound, ServiceUnavailable
 from hueyserve.models import ModelEntry, ModelVersion, parse_entries
 from hueyserve.wire import MODELS_CHANNEL, MODELS_KEY
 
@@ -33,10 +33,17 @@ class ModelCatalog:
         self.outage = False
 
     def entry(self, name: str) -> ModelEntry:
+        """The model `name`: 404 when Redis says there is no such model, 503 when Redis could
+        not be read (a client should retry, not give up on a model that may well exist)."""
         found = self.models.get(name)
-        if found is None:
-            raise ModelNotFound(name, list(self.models))
-        return found
+        if found is not None:
+            return found
+        if self.synced_at is None or self.outage:
+            raise ServiceUnavailable(
+                f"the model catalog (Redis) cannot be read, so model {name!r} cannot be "
+                "looked up; try again shortly"
+            )
+        raise ModelNotFound(name, list(self.models))
 
     def get(self, name: str, version: str | None = None) -> ModelVersion:
         """The active version of `name`, or the version asked for; 404 errors otherwise."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -46,6 +47,8 @@ from hueyserve.wire import (
     revoke_id,
 )
 
+logger = logging.getLogger(__name__)
+
 
 @contextlib.asynccontextmanager
 async def redis_errors() -> AsyncIterator[None]:
@@ -61,6 +64,12 @@ def fail_fast_retry() -> Retry:
     restart), none on timeouts: redis-py's default (10 retries, backoff up to 1 s) would turn
     an outage into multi-second hangs."""
     return Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,))
+
+
+UNREADABLE = (
+    "the stored result cannot be read: it fails its signature check (HUEYSERVE_SECRET differs "
+    "between API and workers?) or is corrupt"
+)
 
 
 class TaskQueue:
@@ -175,7 +184,7 @@ class TaskQueue:
             if payload is None:
                 value = await self.result(job_id)  # a last look, in case the wake-up was missed
             else:
-                value = self.huey.serializer.deserialize(payload)
+                value = self._load(payload)
         except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
             raise ResultUnavailable(job_id, exc.message) from exc
         if value is EmptyData:
@@ -188,7 +197,7 @@ class TaskQueue:
         """The stored result (a value, or huey's `Error`), or EmptyData when there is none."""
         async with redis_errors():
             raw = await self.client.get(self.storage.result_key(task_id))
-        return EmptyData if raw is None else self.huey.serializer.deserialize(raw)
+        return EmptyData if raw is None else self._load(raw)
 
     async def job(self, task_id: str) -> tuple[dict[str, str], Any]:
         """The job record (empty when unknown) and the result (EmptyData when none yet)."""
@@ -197,7 +206,16 @@ class TaskQueue:
             pipe.get(self.storage.result_key(task_id))
             record, raw = await pipe.execute()
         fields = {k.decode(): v.decode() for k, v in record.items()}
-        return fields, EmptyData if raw is None else self.huey.serializer.deserialize(raw)
+        return fields, EmptyData if raw is None else self._load(raw)
+
+    def _load(self, raw: bytes | str) -> Any:
+        """A stored result (a value, or huey's `Error`); one that does not deserialize (it
+        fails the signature check, or is corrupt) reads as an Error saying so."""
+        try:
+            return self.huey.serializer.deserialize(raw)
+        except Exception:
+            logger.warning("a stored result cannot be read (%d bytes)", len(raw))
+            return Error({"error": UNREADABLE})
 
     async def queued_entries(self) -> list[bytes]:
         """Every task waiting in the queue, as stored (for an admin purge)."""
