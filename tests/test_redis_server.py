@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,11 @@ def test_embedded_redis_refuses_a_taken_port(tmp_path: Path) -> None:
     with EmbeddedRedis() as first:
         with pytest.raises(RuntimeError, match="already in use"):
             EmbeddedRedis(port=first.port).start()
+
+
+def test_ctrl_c_at_the_terminal_does_not_reach_the_embedded_redis() -> None:
+    """Issue 11.9: a terminal sends Ctrl-C to its whole foreground process group; Redis must
+    outlive it until `make run` has stopped the API and the consumer, then stop last."""
+    with EmbeddedRedis() as server:
+        assert server.process is not None
+        assert os.getpgid(server.process.pid) != os.getpgid(0)

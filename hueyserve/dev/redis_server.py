@@ -83,7 +83,11 @@ class EmbeddedRedis:
                 f"port {self.port} is already in use: stop what listens there, choose another "
                 "port (HUEYSERVE_EMBEDDED_REDIS_PORT) or use that server through REDIS_URL"
             )
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL)
+        # A session of its own: Ctrl-C at a terminal reaches `make run` (which stops the API
+        # and the consumer first), not Redis, which stops last.
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, start_new_session=True
+        )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         try:
