@@ -17,7 +17,7 @@ import logging
 from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,6 +61,7 @@ async def get_services(request: Request) -> Services:  # async: no threadpool ho
 
 Api = Annotated[Services, Depends(get_services)]
 Prefer = Annotated[str | None, Header()]
+JobId = Annotated[str, Path(max_length=200, description="The id a submission answered.")]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -297,6 +298,7 @@ async def infer_v2(
     idempotency_key: str | None,
 ) -> Response:
     """The body is read raw: JSON, or JSON then binary tensors (Triton's extension)."""
+    v2.check_media(request.headers.get("content-type"), request.headers.get("content-encoding"))
     body = await request.body()
     infer_request, binary = v2.parse_request(body, request.headers.get(v2.BINARY_HEADER))
     model = api.catalog.get(name, version)
@@ -342,7 +344,7 @@ async def submit_job(
 
 
 @app.get(paths.JOB, response_model=JobPublic, summary="Status and result of a job")
-async def get_job(job_id: str, api: Api) -> JobPublic:
+async def get_job(job_id: JobId, api: Api) -> JobPublic:
     return await api.jobs.job(job_id)
 
 
@@ -351,7 +353,7 @@ async def get_job(job_id: str, api: Api) -> JobPublic:
     response_model=JobPublic,
     summary="Cancel a queued job (409 once it runs or has ended)",
 )
-async def cancel_job(job_id: str, api: Api) -> JobPublic:
+async def cancel_job(job_id: JobId, api: Api) -> JobPublic:
     return await api.jobs.cancel(job_id)
 
 

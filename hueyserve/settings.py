@@ -161,6 +161,19 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _check_keys(cls, value: str, info: ValidationInfo) -> str:
+        # A key travels in an HTTP header: printable ASCII, no spaces (commas separate keys).
+        for key in value.split(","):
+            if not all("!" <= char <= "~" for char in key.strip()):
+                raise ValueError(
+                    f"HUEYSERVE_{str(info.field_name).upper()}: a key holds a character that "
+                    "cannot travel in an HTTP header; use printable ASCII without spaces "
+                    "(for example `openssl rand -hex 32`)"
+                )
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:

@@ -3,6 +3,7 @@ forged queue message is never run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 import time
@@ -122,3 +123,36 @@ def test_a_streamed_body_over_the_limit_is_413_too(client: TestClient) -> None:
     response = client.post(PREDICT, content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert "HUEYSERVE_MAX_BODY_BYTES" in response.json()["error"]
+
+
+# --- issue 11.17: limits hold on every path ---------------------------------------------------
+
+
+def test_a_cached_answer_does_not_skip_the_idempotency_key_check(client: TestClient) -> None:
+    body = {"instances": EXAMPLE_ROWS[:1]}
+    assert client.post(PREDICT, json=body).status_code == 200
+    assert client.post(PREDICT, json=body).headers["X-Cache"] == "hit"
+    refused = client.post(PREDICT, json=body, headers={"Idempotency-Key": "k" * 201})
+    assert refused.status_code == 422 and "idempotency-key" in refused.json()["error"]
+
+
+def test_a_job_id_is_bounded_and_never_echoed_in_full(client: TestClient) -> None:
+    answer = client.get("/v1/jobs/" + "j" * 5000)
+    assert answer.status_code == 422 and "j" * 300 not in answer.text
+    assert "job_id" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    ],
+)
+def test_v2_infer_refuses_a_body_it_cannot_read_with_a_415(
+    client: TestClient, headers: dict[str, str]
+) -> None:
+    tensor = {"name": "features", "datatype": "FP64", "shape": [1, 10], "data": EXAMPLE_ROWS[0]}
+    body = json.dumps({"inputs": [tensor]})
+    answer = client.post("/v2/models/diabetes/infer", content=body, headers=headers)
+    assert answer.status_code == 415, answer.text

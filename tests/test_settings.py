@@ -22,6 +22,9 @@ def test_redis_url_and_prefixed_names_are_read(monkeypatch: pytest.MonkeyPatch) 
         ("HUEYSERVE_REFRESH_CRON", "every minute", "five fields"),
         ("HUEYSERVE_RETRAIN_CRON", "nightly", "HUEYSERVE_RETRAIN_CRON needs five fields"),
         ("HUEYSERVE_WORKER_TYPE", "fiber", "thread, process or greenlet"),
+        # Issue 11.17: such a key made every keyed request a 500; refuse it at start.
+        ("HUEYSERVE_API_KEYS", "ok,ключ", "HUEYSERVE_API_KEYS: a key holds a character"),
+        ("HUEYSERVE_ADMIN_KEYS", "a b", "HUEYSERVE_ADMIN_KEYS: a key holds a character"),
     ],
 )
 def test_bad_values_are_named(

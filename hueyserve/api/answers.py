@@ -101,11 +101,12 @@ class CachedAnswers:
 
 
 def _plain_json(headers: list[tuple[bytes, bytes]]) -> bool:
-    """A sync request with a JSON body as is (no Prefer, no content encoding)."""
+    """A sync request with a JSON body as is (no Prefer, no content encoding), and no header
+    the route would have to check (an Idempotency-Key)."""
     for name, value in headers:
         if name == b"content-type" and value.split(b";")[0].strip().lower() != b"application/json":
             return False
-        if name in (b"prefer", b"content-encoding"):
+        if name in (b"prefer", b"content-encoding", b"idempotency-key"):
             return False
     return True
 

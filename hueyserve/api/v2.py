@@ -23,7 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from hueyserve.api.schemas import MAX_DURATION_S, MAX_STRING
 from hueyserve.api.validation import validation_failure
-from hueyserve.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError
+from hueyserve.errors import (
+    BadRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 from hueyserve.models import ModelVersion, Outputs
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -103,6 +109,20 @@ class InferenceResponse(BaseModel):
 
 
 # --- requests ---------------------------------------------------------------------------------
+
+
+def check_media(content_type: str | None, content_encoding: str | None) -> None:
+    """A 415 unless the body is JSON, or JSON then binary tensors, sent as is."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media not in ("", "application/json", "application/octet-stream"):
+        raise UnsupportedMediaType(
+            f"send the body as 'Content-Type: application/json' (or application/octet-stream "
+            f"with {BINARY_HEADER} for binary tensors), not {media!r}"
+        )
+    if content_encoding and content_encoding.strip().lower() != "identity":
+        raise UnsupportedMediaType(
+            f"Content-Encoding {content_encoding!r} is not supported: send the body uncompressed"
+        )
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
