@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -341,3 +341,79 @@ def test_a_result_that_cannot_be_read_is_a_failed_job_not_a_500(
     job = client.get(f"/v1/jobs/{job_id}")
     assert job.status_code == 200, job.text
     assert job.json()["status"] == "failed" and "cannot be read" in job.json()["error"]
+
+
+# --- issue 11.2: a job survives Redis refusing writes as it ends -----------------------------
+
+
+@pytest.fixture
+def full_redis(redis_conn: redis.Redis) -> Iterator[Callable[[], None]]:
+    """Call it to make Redis refuse writes (maxmemory reached under noeviction); the writes
+    are allowed again when the fixture ends (or the test calls `free_redis`)."""
+
+    def fill() -> None:
+        redis_conn.set("filler", b"x" * (1 << 20))
+        used = int(redis_conn.info("memory")["used_memory"])
+        redis_conn.config_set("maxmemory", used - (1 << 19))  # below what is used already
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            redis_conn.set("probe", 1)
+
+    try:
+        yield fill
+    finally:
+        free_redis(redis_conn)
+
+
+def free_redis(conn: redis.Redis) -> None:
+    conn.delete("filler")
+    conn.config_set("maxmemory", 0)
+
+
+def test_a_job_ending_while_redis_refuses_writes_is_run_again_once_it_accepts_them(
+    gated: Gated,
+    full_redis: Callable[[], None],
+    redis_conn: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its result cannot be stored and its retry cannot be queued: its lease must stay, lapse
+    and be reaped, not be given back with the task in neither the queue nor the leases."""
+    client, gate, blocker = gated
+    monkeypatch.setattr(core.huey.storage, "lease_s", 2.0)  # renewals now extend by 2 s
+    core.huey.storage.renew()
+    full_redis()
+    gate.release.set()  # the blocker ends now: its result and its retry are refused
+    wait_for(lambda: gate.calls == [0.0] and redis_conn.zcard(wire.leases_key(
+        core.huey.storage.queue_key)) == 1, "the worker to have tried")  # fmt: skip
+    time.sleep(0.5)
+    free_redis(redis_conn)
+    job = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{blocker}").json())["status"] == "done" and j,
+        "the job to be reaped, run again and done",
+        timeout_s=30,
+    )
+    assert job["result"] == {"predictions": [0.0]} and job["attempts"] >= 2
+
+
+def test_a_task_whose_jobs_cannot_be_marked_running_is_not_run_then(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Huey logs and ignores a pre-execute hook's error: the task ran unrecorded (attempts 0).
+    Now it stops, its lease lapses, and a reaper queues it again."""
+    monkeypatch.setattr(core.huey.storage, "lease_s", 2.0)
+    start = core.worker.records.start
+    failures = [redis.ConnectionError("Redis went away")]
+
+    def flaky_start(*job_ids: str) -> bool:
+        if failures:
+            raise failures.pop()
+        return start(*job_ids)
+
+    monkeypatch.setattr(core.worker.records, "start", flaky_start)
+    body = {"model": "diabetes", "instances": [[0.03] * 10]}
+    job_id = client.post("/v1/jobs", json=body).json()["job_id"]
+    job = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] == "done" and j,
+        "the job to be reaped and run",
+        timeout_s=30,
+    )
+    assert not failures and job["attempts"] == 1

@@ -52,6 +52,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         self._held: dict[int, bytes] = {}  # worker thread -> the entry it holds
         self._entries: dict[str, bytes] = {}  # running task id -> its entry
         self._finished: set[int] = set()  # threads whose task ended as Huey recorded
+        self._requeueing: set[int] = set()  # threads whose task's retry is being queued
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
 
@@ -61,6 +62,12 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             pipe.zadd(self.queue_key, {queue_entry(data): queue_score(priority)})
             self._ring(pipe)
             pipe.execute()
+        self._requeued()
+
+    def add_to_schedule(self, data: bytes, ts: object) -> None:
+        """Huey's schedule (a retry with a delay), then the lease of the task retried may go."""
+        super().add_to_schedule(data, ts)
+        self._requeued()
 
     def _ring(self, pipe: redis.client.Pipeline) -> None:
         pipe.lpush(self.doorbell_key, 1)
@@ -103,6 +110,21 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             if entry is not None:
                 self._entries[task_id] = entry
 
+    def finish_once_requeued(self) -> None:
+        """This thread's task failed and Huey queues its retry next: the lease may go once
+        the retry is stored (`enqueue` or `add_to_schedule` succeeded). If that write fails,
+        the lease lapses and a reaper queues the task again: it is never in neither place."""
+        with self._lock:
+            if threading.get_ident() in self._held:
+                self._requeueing.add(threading.get_ident())
+
+    def _requeued(self) -> None:
+        with self._lock:
+            thread = threading.get_ident()
+            if thread in self._requeueing:
+                self._requeueing.discard(thread)
+                self._finished.add(thread)
+
     def finish(self) -> None:
         """This thread's task reached an end Huey has recorded (a result, a final error, a
         retry, a revoke, an expiry): its lease may go at the next take."""
@@ -125,6 +147,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             entry = self._held.pop(thread, None)
             finished = thread in self._finished
             self._finished.discard(thread)
+            self._requeueing.discard(thread)
             for task_id in [t for t, e in self._entries.items() if e is entry]:
                 del self._entries[task_id]
         return entry if finished else None

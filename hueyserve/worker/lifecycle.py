@@ -7,11 +7,11 @@ requests (`wire.members`); every job gets its own record, result and wake-up.
 
 | Huey event                | job record            | lease        | result, wake-up  | metric     |
 |---------------------------|-----------------------|--------------|------------------|------------|
-| pre-execute               | running (1)           | bound        | -                | running +1 |
+| pre-execute               | running (1)           | bound (5)    | -                | running +1 |
 | predict answered (2)      | done/failed, each job | -            | each job's       | jobs       |
 | post-execute, value       | (the task wrote it)   | may go       | Huey's; woken    | jobs, time |
 | post-execute, final error | failed                | may go       | Error, each job  | jobs, time |
-| ERROR/TIMEOUT, will retry | queued + reason       | may go       | - (Huey retries) | -          |
+| ERROR/TIMEOUT, will retry | queued + reason       | goes (4)     | - (Huey retries) | -          |
 | REVOKED / CANCELED        | (the API wrote it)    | may go       | -                | -          |
 | EXPIRED                   | expired               | may go       | -                | jobs       |
 | INTERRUPTED (SIGTERM)     | queued + reason       | put back now | -                | -          |
@@ -22,6 +22,10 @@ requests (`wire.members`); every job gets its own record, result and wake-up.
 (2) `answered`: records, results and wake-ups of all the task's jobs in one pipeline; a job
     whose own rows failed fails alone.
 (3) `reap_lost_tasks`, from any worker's heartbeat; the last attempt is HUEYSERVE_MAX_ATTEMPTS.
+(4) once the retry is stored in Huey's queue or schedule; if Redis refuses that write, the
+    lease lapses and the reaper queues the task again.
+(5) if the records cannot be written (Redis failed), the task is not run and its lease is
+    kept, to lapse and be reaped (Huey itself would log the hook's error and run the task).
 
 "May go" means the lease is given back when the thread takes its next task, once Huey has
 recorded the end (hueyserve.worker.leases); if recording failed, the lease lapses instead
@@ -75,6 +79,7 @@ class JobLifecycle:
         self.records = records
         self.settings = settings  # read at each event, as the rest of the worker does
         self._started: dict[str, float] = {}  # running task id -> perf_counter at its start
+        self._abandoned: set[str] = set()  # tasks not started because Redis failed
 
     @property
     def storage(self) -> LeasingStorage:
@@ -103,7 +108,15 @@ class JobLifecycle:
         """Mark the task's jobs running, atomically with DELETE /v1/jobs/{id}: a job cancelled
         after Huey's own revoke check is still not run."""
         self.storage.bind(task.id)  # its lease, renewed while it runs
-        if tracked(task) and not self.records.start(*job_ids(task)):
+        if not tracked(task):
+            return
+        try:
+            started = self.records.start(*job_ids(task))
+        except Exception:  # Huey would log it and run the task anyway: stop it instead
+            logger.exception("task %s not started: its jobs cannot be marked running", task.id)
+            self._abandoned.add(task.id)  # its lease lapses and a reaper queues it again
+            raise CancelExecution(retry=False) from None
+        if not started:
             logger.info("job %s was cancelled or has ended; not running it", task.id)
             raise CancelExecution()
 
@@ -154,7 +167,10 @@ class JobLifecycle:
             pipe.execute()
 
     def task_ended(self, task: Task, value: Any, exc: BaseException | None) -> None:
-        self.storage.finish()  # Huey stored the result or error: the lease may go
+        if exc is not None and task.retries:
+            self.storage.finish_once_requeued()  # Huey queues the retry right after this hook
+        else:
+            self.storage.finish()  # Huey stored the result or error: the lease may go
         metrics.TASKS_RUNNING.labels(task.name).dec()
         started = self._started.pop(task.id, None)
         if started is not None:
@@ -169,6 +185,9 @@ class JobLifecycle:
     # --- a task does not run, or not to its end ----------------------------------------------
 
     def skipped(self, signal: str, task: Task) -> None:
+        if task.id in self._abandoned:
+            self._abandoned.discard(task.id)  # not started for want of Redis: keep its lease
+            return
         self.storage.finish()  # never ran, never will: the lease may go
 
     def interrupted(self, signal: str, task: Task) -> None:
