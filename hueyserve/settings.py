@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     embedded_redis_port: int = Field(
         6399, description="`make run` without REDIS_URL: port of the embedded redis-server."
     )
+    embedded_redis_maxmemory: str = Field(
+        "1gb",
+        pattern=r"^[0-9]+(b|kb|mb|gb)?$",
+        description="`make run` without REDIS_URL: the embedded Redis's memory limit (with "
+        "noeviction: past it, submissions are refused, never silently dropped); 0: none.",
+    )
     redis_connect_timeout_s: float = Field(0.5, gt=0, description="TCP connect timeout to Redis.")
     redis_socket_timeout_s: float = Field(
         1.0, gt=0, description="API side: longest wait for a Redis reply before answering 503."
@@ -48,6 +54,12 @@ class Settings(BaseSettings):
     # --- Queue ---------------------------------------------------------------------------
     queue_name: str = Field("hueyserve", description="Huey queue name; separates deployments.")
     result_ttl_s: int = Field(3600, gt=0, description="How long results and job records live.")
+    sync_result_ttl_s: int = Field(
+        300,
+        gt=0,
+        description="How long a sync request's job record and result live: its caller has the "
+        "answer already, or reads the job soon after a 504 (at least HUEYSERVE_PREDICT_TIMEOUT_S).",
+    )
     predict_timeout_s: float = Field(30.0, gt=0, description="Default and maximum sync wait.")
     max_queue_depth: int = Field(
         10_000,
@@ -151,6 +163,15 @@ class Settings(BaseSettings):
         """The configured keys of a scope ("api" or "admin")."""
         raw = self.api_keys if scope == "api" else self.admin_keys
         return frozenset(key.strip() for key in raw.split(",") if key.strip())
+
+    @model_validator(mode="after")
+    def _check_sync_ttl(self) -> Settings:
+        if self.sync_result_ttl_s < self.predict_timeout_s:
+            raise ValueError(
+                "HUEYSERVE_SYNC_RESULT_TTL_S must be at least HUEYSERVE_PREDICT_TIMEOUT_S: a "
+                "sync caller that timed out must still find its job"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_lease(self) -> Settings:

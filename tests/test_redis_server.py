@@ -38,3 +38,12 @@ def test_ctrl_c_at_the_terminal_does_not_reach_the_embedded_redis() -> None:
     with EmbeddedRedis() as server:
         assert server.process is not None
         assert os.getpgid(server.process.pid) != os.getpgid(0)
+
+
+def test_a_full_embedded_redis_refuses_writes_rather_than_evict() -> None:
+    """Issue 11.13: `make run`'s Redis had no memory limit and grew with traffic."""
+    with EmbeddedRedis(maxmemory="64mb") as server:
+        conn = redis.Redis(port=server.port)
+        assert conn.config_get("maxmemory") == {"maxmemory": str(64 << 20)}
+        assert conn.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        conn.close()

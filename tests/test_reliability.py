@@ -22,7 +22,7 @@ from hueyserve.api.catalog import ModelCatalog
 from hueyserve.dev.redis_server import EmbeddedRedis, free_port
 from hueyserve.errors import ModelNotFound, ServiceUnavailable
 from hueyserve.settings import settings
-from tests.helpers import GateModel, poll_job, services_of, wait_for
+from tests.helpers import PREDICT, GateModel, poll_job, services_of, wait_for
 
 
 class Gated(NamedTuple):
@@ -417,3 +417,21 @@ def test_a_task_whose_jobs_cannot_be_marked_running_is_not_run_then(
         timeout_s=30,
     )
     assert not failures and job["attempts"] == 1
+
+
+# --- issue 11.13: a delivered sync answer does not hold Redis memory for an hour -------------
+
+
+def test_a_sync_request_s_job_lives_shorter_than_an_async_job(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    sync = client.post(PREDICT, json={"instances": [[0.04] * 10]})
+    sync_id = sync.headers["X-Job-Id"]
+    async_id = client.post("/v1/jobs", json={"model": "diabetes", "instances": [[0.05] * 10]})
+    async_id = poll_job(client, async_id.json()["job_id"])["job_id"]
+    result_key = core.huey.storage.result_key
+    for key in (wire.job_key(sync_id), result_key(sync_id)):
+        assert 0 < redis_conn.ttl(key) <= settings.sync_result_ttl_s, key
+    for key in (wire.job_key(async_id), result_key(async_id)):
+        assert redis_conn.ttl(key) > settings.sync_result_ttl_s, key
+    assert client.get(f"/v1/jobs/{sync_id}").json()["status"] == "done"

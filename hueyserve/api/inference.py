@@ -149,7 +149,7 @@ class InferenceService:
             for m in members
         }
         try:
-            await self.queue.enqueue(task, records)
+            await self.queue.enqueue(task, records, ttl_s=self.settings.sync_result_ttl_s)
         except QueueFull as exc:
             raise exc.overloaded() from None  # a sync call gets a 503, a job submission a 429
         metrics.JOBS.labels(JobKind.PREDICT.value, "submitted").inc(len(members))

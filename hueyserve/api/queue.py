@@ -137,7 +137,11 @@ class TaskQueue:
         return self.results.channel
 
     async def enqueue(
-        self, task: Task, records: dict[str, Fields], client_key: str | None = None
+        self,
+        task: Task,
+        records: dict[str, Fields],
+        client_key: str | None = None,
+        ttl_s: int | None = None,
     ) -> str:
         """Put `task` on Huey's priority queue with its job records (one, or one per request
         of a group), atomically, and answer its id; or, for an Idempotency-Key (`client_key`)
@@ -147,7 +151,8 @@ class TaskQueue:
         if task.expires:
             task.resolve_expires(self.huey.utc)  # as huey.enqueue does
         entry = queue_entry(self.huey.serialize_task(task))
-        args: list[Any] = [self.max_depth, queue_score(task.priority), entry, self.record_ttl_s]
+        ttl = ttl_s or self.record_ttl_s  # of the records (and of the idempotency key)
+        args: list[Any] = [self.max_depth, queue_score(task.priority), entry, ttl]
         args += [task.id, DOORBELL_TOKENS]
         for record in records.values():
             args.append(len(record))

@@ -51,12 +51,16 @@ class EmbeddedRedis:
     """Start, wait for and stop one redis-server subprocess.
 
     With `data_dir`, data persists there with an append-only file (fsync every second), so
-    queued jobs survive a restart; without it, nothing touches the disk.
+    queued jobs survive a restart; without it, nothing touches the disk. With `maxmemory`, a
+    full server refuses writes (`noeviction`) rather than drop queued jobs.
     """
 
-    def __init__(self, *, port: int | None = None, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, data_dir: Path | None = None, maxmemory: str = "0"
+    ) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
+        self.maxmemory = maxmemory  #: "0": no limit
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +70,8 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--protected-mode", "yes", "--daemonize", "no", "--save", ""]
+        # Full means refusing writes (the API answers 503/429), never evicting a queued job.
+        args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
         if self.data_dir is None:
             return args + ["--appendonly", "no"]
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,11 @@ def main() -> int:
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
     embedded = None
     if not os.environ.get("REDIS_URL"):
-        embedded = EmbeddedRedis(port=settings.embedded_redis_port, data_dir=Path("data"))
+        embedded = EmbeddedRedis(
+            port=settings.embedded_redis_port,
+            data_dir=Path("data"),
+            maxmemory=settings.embedded_redis_maxmemory,
+        )
         embedded.start()
         env["REDIS_URL"] = embedded.url
         logger.info("embedded redis-server on %s (data in data/)", embedded.url)

@@ -111,7 +111,7 @@ class JobLifecycle:
         if not tracked(task):
             return
         try:
-            started = self.records.start(*job_ids(task))
+            started = self.records.start(*job_ids(task), ttl_s=self._ttl(task))
         except Exception:  # Huey would log it and run the task anyway: stop it instead
             logger.exception("task %s not started: its jobs cannot be marked running", task.id)
             self._abandoned.add(task.id)  # its lease lapses and a reaper queues it again
@@ -130,18 +130,18 @@ class JobLifecycle:
         """The predict task's end: each job's record (first, so whoever sees the result sees
         finished_at), its result in Huey's own format and key, and the waiter's wake-up, for
         all the jobs in one round trip. A job whose own rows failed fails alone."""
-        failed = 0
+        failed, ttl = 0, self._ttl(task)
         with self.conn.pipeline(transaction=False) as pipe:
             for (job_id, _), answer in zip(members, answers, strict=True):
                 if isinstance(answer, Exception):
                     failed += 1
-                    self.records.failed(job_id, reason(answer), pipe=pipe)
+                    self.records.failed(job_id, reason(answer), pipe=pipe, ttl_s=ttl)
                     error = Error(self.huey.build_error_result(task, answer))
                     payload = self.huey.serializer.serialize(error)
                 else:
-                    self.records.done(job_id, pipe=pipe)
+                    self.records.done(job_id, pipe=pipe, ttl_s=ttl)
                     payload = self.huey.serializer.serialize(answer)
-                self._store_result(pipe, job_id, payload, reply_to(task))
+                self._store_result(pipe, job_id, payload, reply_to(task), ttl)
             pipe.execute()
         metrics.JOBS.labels(task.name, "done").inc(len(members) - failed)
         if failed:
@@ -163,7 +163,7 @@ class JobLifecycle:
         error = self.huey.serializer.serialize(Error(self.huey.build_error_result(task, exc)))
         with self.conn.pipeline(transaction=False) as pipe:
             for job_id in job_ids(task):
-                self._store_result(pipe, job_id, error, channel)
+                self._store_result(pipe, job_id, error, channel, self._ttl(task))
             pipe.execute()
 
     def task_ended(self, task: Task, value: Any, exc: BaseException | None) -> None:
@@ -209,9 +209,9 @@ class JobLifecycle:
         why = f"timed out after {task.timeout}s" if exc is None else reason(exc)
         for job_id in job_ids(task):
             if task.retries:  # Huey retries it; the record says why the last attempt failed
-                self.records.retrying(job_id, why)
+                self.records.retrying(job_id, why, ttl_s=self._ttl(task))
             else:
-                self.records.failed(job_id, why)
+                self.records.failed(job_id, why, ttl_s=self._ttl(task))
 
     # --- lost workers ------------------------------------------------------------------------
 
@@ -258,16 +258,28 @@ class JobLifecycle:
         error = self.huey.serializer.serialize(Error({"error": why, "task_id": task.id}))
         with self.conn.pipeline(transaction=False) as pipe:
             for job_id in job_ids(task):
-                self.records.failed(job_id, why, pipe=pipe)
-                self._store_result(pipe, job_id, error, reply_to(task))
+                self.records.failed(job_id, why, pipe=pipe, ttl_s=self._ttl(task))
+                self._store_result(pipe, job_id, error, reply_to(task), self._ttl(task))
             pipe.execute()
         metrics.JOBS.labels(task.name, "failed").inc(len(job_ids(task)))
 
+    def _ttl(self, task: Task) -> int:
+        """How long the task's records and results live: a sync request's caller has its
+        answer at once (or reads it soon after a 504), an async job's may come much later."""
+        if task.name == JobKind.PREDICT.value and reply_to(task) is not None:
+            return self.settings.sync_result_ttl_s
+        return self.settings.result_ttl_s
+
     def _store_result(
-        self, pipe: redis.client.Pipeline, job_id: str, payload: bytes, channel: str | None
+        self,
+        pipe: redis.client.Pipeline,
+        job_id: str,
+        payload: bytes,
+        channel: str | None,
+        ttl_s: int,
     ) -> None:
         """A job's result (a value or an Error) in Huey's format and key, and the wake-up of
         the API process waiting for it, which gets the payload itself and so needs no read."""
-        pipe.set(self.storage.result_key(job_id), payload, ex=self.settings.result_ttl_s)
+        pipe.set(self.storage.result_key(job_id), payload, ex=ttl_s)
         if channel is not None:
             pipe.publish(channel, result_message(job_id, payload))

@@ -13,48 +13,73 @@ from hueyserve.worker.heartbeat import worker_id
 
 
 class JobRecorder:
-    """Writes the records of one worker process's jobs."""
+    """Writes the records of one worker process's jobs; each write renews the record's TTL
+    (`ttl_s`, or the shorter one a sync request's job gets)."""
 
     def __init__(self, conn: redis.Redis, *, ttl_s: int) -> None:
         self.conn = conn
         self.ttl_s = ttl_s
         self._start = conn.register_script(START_SCRIPT)
 
-    def start(self, *job_ids: str) -> bool:
+    def start(self, *job_ids: str, ttl_s: int | None = None) -> bool:
         """Mark the jobs running (a group's all at once), unless one was cancelled or has
         ended: then nothing changes and the answer is False. Atomic against `cancel`."""
         keys = [job_key(job_id) for job_id in job_ids]
-        return bool(self._start(keys=keys, args=[time.time(), self.ttl_s, worker_id()]))
+        ttl = ttl_s or self.ttl_s
+        return bool(self._start(keys=keys, args=[time.time(), ttl, worker_id()]))
 
     def expired(self, job_id: str) -> None:
         reason = "not run: its deadline passed while it was queued"
         self._update(job_id, {"status": JobStatus.EXPIRED.value, "error": reason})
 
-    def done(self, job_id: str, pipe: redis.client.Pipeline | None = None, **fields: str) -> None:
+    def done(
+        self,
+        job_id: str,
+        pipe: redis.client.Pipeline | None = None,
+        ttl_s: int | None = None,
+        **fields: str,
+    ) -> None:
         """Finished; `fields` adds what only the end tells (the version a training made).
         With `pipe`, the update joins that pipeline (the caller executes it)."""
         done: Fields = {"status": JobStatus.DONE.value, "finished_at": time.time(), **fields}
-        self._update(job_id, done, pipe=pipe)
+        self._update(job_id, done, pipe=pipe, ttl_s=ttl_s)
 
-    def failed(self, job_id: str, error: str, pipe: redis.client.Pipeline | None = None) -> None:
+    def failed(
+        self,
+        job_id: str,
+        error: str,
+        pipe: redis.client.Pipeline | None = None,
+        ttl_s: int | None = None,
+    ) -> None:
         now = time.time()
         failed: Fields = {"status": JobStatus.FAILED.value, "error": error, "finished_at": now}
-        self._update(job_id, failed, pipe=pipe)
+        self._update(job_id, failed, pipe=pipe, ttl_s=ttl_s)
 
-    def retrying(self, job_id: str, error: str, pipe: redis.client.Pipeline | None = None) -> None:
-        self._update(job_id, {"status": JobStatus.QUEUED.value, "error": error}, pipe=pipe)
+    def retrying(
+        self,
+        job_id: str,
+        error: str,
+        pipe: redis.client.Pipeline | None = None,
+        ttl_s: int | None = None,
+    ) -> None:
+        queued: Fields = {"status": JobStatus.QUEUED.value, "error": error}
+        self._update(job_id, queued, pipe=pipe, ttl_s=ttl_s)
 
     def lost(self, job_id: str, deaths: int, pipe: redis.client.Pipeline) -> None:
         """How many times the job's workers died while running it (the reaper counts)."""
         pipe.hset(job_key(job_id), "lost", deaths)
 
     def _update(
-        self, job_id: str, fields: Fields, pipe: redis.client.Pipeline | None = None
+        self,
+        job_id: str,
+        fields: Fields,
+        pipe: redis.client.Pipeline | None = None,
+        ttl_s: int | None = None,
     ) -> None:
         key = job_key(job_id)
         own = pipe is None
         pipe = self.conn.pipeline(transaction=True) if pipe is None else pipe
         pipe.hset(key, mapping=fields)
-        pipe.expire(key, self.ttl_s)
+        pipe.expire(key, ttl_s or self.ttl_s)
         if own:
             pipe.execute()
