@@ -22,6 +22,8 @@ modules (hueyserve.worker) both import it; neither imports the other.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from typing import Any
 
@@ -35,7 +37,7 @@ RESULT_CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process: wake-
 MODELS_KEY = "hueyserve:models"  #: hash: name -> ModelEntry JSON (hueyserve.models)
 MODELS_CHANNEL = "hueyserve:models:changed"  #: pub/sub: the same JSON on every change
 MODELS_LOCK_KEY = "hueyserve:models:lock"  #: held by a worker while it changes an entry
-HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker id -> unix time of its last beat
+HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker|proof -> time of its last beat
 TRAINING_LOCK_KEY = "hueyserve:training"  #: one training at a time across every worker
 DOORBELL_TOKENS = 1024  #: most tokens kept: idle workers wake at most this often for nothing
 #: The only `maxmemory-policy` under which Redis keeps every queued task and job record: under
@@ -52,6 +54,26 @@ def eviction_problem(policy: str | None) -> str | None:
         f"Redis runs with maxmemory-policy {policy}: under memory pressure it drops queued "
         f"tasks and job records without an error; set maxmemory-policy {REQUIRED_EVICTION_POLICY}"
     )
+
+
+def secret_proof(secret: str | None) -> str:
+    """What a worker's heartbeat shows of its HUEYSERVE_SECRET: a keyed hash of a fixed text,
+    equal for equal secrets, from which the secret cannot be recovered."""
+    if secret is None:
+        return "none"
+    digest = hmac.new(secret.encode(), b"hueyserve worker secret proof v1", hashlib.sha256)
+    return digest.hexdigest()[:32]
+
+
+def heartbeat_member(worker: str, proof: str) -> str:
+    """A worker's member in HEARTBEATS_KEY: its id (host:pid) and its secret proof."""
+    return f"{worker}|{proof}"
+
+
+def parse_heartbeat_member(member: str) -> tuple[str, str]:
+    """(worker id, secret proof); a member from before proofs has the proof ''."""
+    worker, _, proof = member.rpartition("|")
+    return (worker, proof) if worker else (member, "")
 
 
 def job_key(job_id: str) -> str:

@@ -18,10 +18,11 @@ from huey.serializer import Serializer, SignedSerializer
 
 import core
 import main
+from hueyserve import wire
 from hueyserve.api.guard import RequestGuard
 from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
-from tests.helpers import PREDICT, GateModel, poll_job
+from tests.helpers import PREDICT, GateModel, poll_job, wait_for
 
 BODY = {"instances": EXAMPLE_ROWS}
 
@@ -156,3 +157,30 @@ def test_v2_infer_refuses_a_body_it_cannot_read_with_a_415(
     body = json.dumps({"inputs": [tensor]})
     answer = client.post("/v2/models/diabetes/infer", content=body, headers=headers)
     assert answer.status_code == 415, answer.text
+
+
+# --- issue 11.7: a worker that does not share the API's secret is not a ready worker ---------
+
+
+def test_readiness_says_when_no_worker_shares_the_api_s_secret(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness")
+    # As a worker started with another HUEYSERVE_SECRET would prove itself:
+    monkeypatch.setattr(core.worker.heartbeat, "proof", wire.secret_proof("another secret"))
+    core.worker.heartbeat.stop()  # its old heartbeat goes; the next proves the other secret
+    core.worker.heartbeat.start()
+    ready = wait_for(
+        lambda: (r := client.get("/v2/health/ready")).status_code == 503 and r, "not ready"
+    )
+    assert "HUEYSERVE_SECRET" in " ".join(ready.json()["reasons"])
+    assert client.get("/v2/models/diabetes/ready").status_code == 503
+    monkeypatch.undo()
+    core.worker.heartbeat.start()
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "ready again")
+
+
+def test_a_secret_proof_tells_secrets_apart_and_reveals_none() -> None:
+    proofs = {wire.secret_proof(s) for s in (None, "s1", "s2")}
+    assert len(proofs) == 3 and not any("s1" in p or "s2" in p for p in proofs)
+    assert wire.secret_proof("s1") == wire.secret_proof("s1")

@@ -11,7 +11,7 @@ from hueyserve.api.queue import TaskQueue
 from hueyserve.cache import PredictionCache
 from hueyserve.errors import ServiceError
 from hueyserve.settings import Settings
-from hueyserve.wire import eviction_problem
+from hueyserve.wire import eviction_problem, secret_proof
 
 PRIORITY_LEVELS = range(101)  #: every priority a request, job or periodic task can have
 
@@ -31,6 +31,8 @@ class HealthService:
         self.queue = queue
         self.catalog = catalog
         self.cache = cache
+        secret = settings.secret.get_secret_value() if settings.secret else None
+        self.proof = secret_proof(secret)  #: what a worker sharing our secret shows
         self._priorities_seen: set[int] = set()
 
     async def readiness(self) -> list[str]:
@@ -38,8 +40,15 @@ class HealthService:
         reasons = []
         try:
             await self.queue.ping_ms()
-            if not await self.workers():
+            alive = await self.workers(all_secrets=True)
+            if not alive:
                 reasons.append("no worker has reported in: start `huey_consumer core.huey`")
+            elif not await self.workers():
+                reasons.append(
+                    f"{len(alive)} worker(s) report in, but none shares this API's "
+                    "HUEYSERVE_SECRET, so none can read its tasks: set the same secret (or "
+                    "none) on the API and every worker"
+                )
             eviction = eviction_problem(await self.queue.eviction_policy())
             if eviction:
                 reasons.append(eviction)
@@ -56,11 +65,16 @@ class HealthService:
         except ServiceError:
             return False
 
-    async def workers(self) -> dict[str, float]:
-        """Workers seen within the heartbeat TTL, with the age of their last beat in seconds."""
+    async def workers(self, *, all_secrets: bool = False) -> dict[str, float]:
+        """Workers seen within the heartbeat TTL that share this API's secret (or all, with
+        `all_secrets`), with the age of their last beat in seconds."""
         now = time.time()
         beats = await self.queue.heartbeats(since=now - self.settings.heartbeat_ttl_s)
-        return {worker: round(now - beat, 3) for worker, beat in beats}
+        return {
+            worker: round(now - beat, 3)
+            for worker, proof, beat in beats
+            if all_secrets or proof == self.proof
+        }
 
     async def update_queue_depth(self) -> None:
         """Set the queue-depth gauge from Redis, a priority level at a time."""
@@ -81,7 +95,7 @@ class HealthService:
                 "ok": True,
                 "latency_ms": round(await self.queue.ping_ms(), 3),
                 "queue_depth": await self.queue.depth(),
-                "workers": await self.workers(),
+                "workers": await self.workers(all_secrets=True),
             }
         except ServiceError as exc:
             redis_info = {"ok": False, "error": exc.message}

@@ -42,6 +42,7 @@ from hueyserve.wire import (
     doorbell_key,
     idempotency_key,
     job_key,
+    parse_heartbeat_member,
     queue_entry,
     queue_score,
     revoke_id,
@@ -262,10 +263,14 @@ class TaskQueue:
         async with redis_errors():
             return int(await self.client.zcard(self.storage.queue_key))
 
-    async def heartbeats(self, since: float) -> list[tuple[str, float]]:
-        """Workers that reported in since `since` (unix time), with their last beat's time."""
+    async def heartbeats(self, since: float) -> list[tuple[str, str, float]]:
+        """Workers that reported in since `since` (unix time): id, secret proof, last beat."""
         async with redis_errors():
             beats: list[Any] = await self.client.zrangebyscore(
                 HEARTBEATS_KEY, since, "+inf", withscores=True
             )
-        return [(bytes(member).decode(), float(score)) for member, score in beats]
+        found = []
+        for member, score in beats:
+            worker, proof = parse_heartbeat_member(bytes(member).decode())
+            found.append((worker, proof, float(score)))
+        return found

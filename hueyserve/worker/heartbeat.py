@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import redis
 
-from hueyserve.wire import HEARTBEATS_KEY
+from hueyserve.wire import HEARTBEATS_KEY, heartbeat_member
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +21,12 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def beat(conn: redis.Redis, *, ttl_s: float) -> None:
-    """Record this process as alive and drop workers silent for longer than `ttl_s`."""
+def beat(conn: redis.Redis, *, ttl_s: float, proof: str) -> None:
+    """Record this process as alive, with the proof of its secret (so the API can tell that
+    it shares it), and drop workers silent for longer than `ttl_s`."""
     now = time.time()
     with conn.pipeline() as pipe:
-        pipe.zadd(HEARTBEATS_KEY, {worker_id(): now})
+        pipe.zadd(HEARTBEATS_KEY, {heartbeat_member(worker_id(), proof): now})
         pipe.zremrangebyscore(HEARTBEATS_KEY, "-inf", now - ttl_s)
         pipe.execute()
 
@@ -43,9 +44,11 @@ class Heartbeat:
         *,
         interval_s: float,
         ttl_s: float,
+        proof: str,
         on_beat: Callable[[], object] | None = None,
     ) -> None:
         self.conn = conn
+        self.proof = proof  #: wire.secret_proof of this worker's secret
         self.on_beat = on_beat
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -68,14 +71,14 @@ class Heartbeat:
                 self._thread.join(timeout=self.interval_s + 1)
             self._thread = None
         try:
-            self.conn.zrem(HEARTBEATS_KEY, worker_id())
+            self.conn.zrem(HEARTBEATS_KEY, heartbeat_member(worker_id(), self.proof))
         except redis.RedisError:
             pass
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                beat(self.conn, ttl_s=self.ttl_s)
+                beat(self.conn, ttl_s=self.ttl_s, proof=self.proof)
                 if self.on_beat is not None:
                     self.on_beat()
             except redis.RedisError as exc:

@@ -14,7 +14,7 @@ from huey import Huey
 from hueyserve import metrics
 from hueyserve.cache import PredictionCache
 from hueyserve.settings import Settings
-from hueyserve.wire import eviction_problem
+from hueyserve.wire import eviction_problem, secret_proof
 from hueyserve.worker.batching import Batchers, BatchPolicy
 from hueyserve.worker.fitting import Trainer
 from hueyserve.worker.heartbeat import Heartbeat
@@ -58,6 +58,7 @@ class WorkerProcess:
             conn,
             interval_s=settings.heartbeat_interval_s,
             ttl_s=settings.heartbeat_ttl_s,
+            proof=secret_proof(settings.secret.get_secret_value() if settings.secret else None),
             on_beat=self.after_heartbeat,
         )
         self._published = threading.Event()  # this process has bootstrapped and published
