@@ -465,3 +465,13 @@ def test_a_repeated_body_is_answered_before_parsing_and_never_stale(
     assert client.post("/v1/models/diabetes/reload").status_code == 200  # the newest: 2
     fresh = client.post(PREDICT, content=raw, headers=json_type)
     assert fresh.headers["X-Cache"] == "miss" and fresh.headers["X-Model-Version"] == "2"
+
+
+def test_an_empty_queue_has_a_depth_series_per_default_priority(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    """Issue 11.21: with nothing queued, /metrics had no queue-depth series to plot."""
+    assert redis_conn.zcard(core.huey.storage.queue_key) == 0
+    depths = scrape(client)
+    for priority in (settings.sync_priority, settings.async_priority, settings.train_priority):
+        assert depths[("hueyserve_queue_depth", (("priority", str(priority)),))] == 0.0

@@ -78,11 +78,16 @@ class HealthService:
 
     async def update_queue_depth(self) -> None:
         """Set the queue-depth gauge from Redis, a priority level at a time."""
-        configured = {self.settings.sync_priority, self.settings.async_priority}
-        levels = {*PRIORITY_LEVELS, *configured, self.settings.train_priority}
-        depth = await self.queue.depth_by_priority(levels)
-        for priority in self._priorities_seen - set(depth):
-            metrics.QUEUE_DEPTH.labels(str(priority)).set(0)  # drained since the last scrape
+        configured = {
+            self.settings.sync_priority,
+            self.settings.async_priority,
+            self.settings.train_priority,
+        }
+        depth = await self.queue.depth_by_priority({*PRIORITY_LEVELS, *configured})
+        # The default priorities always have a series (0 while empty), so a dashboard plots
+        # an empty queue; others once they were seen, then 0 once drained.
+        for priority in (self._priorities_seen | configured) - set(depth):
+            metrics.QUEUE_DEPTH.labels(str(priority)).set(0)
         for priority, count in depth.items():
             metrics.QUEUE_DEPTH.labels(str(priority)).set(count)
         self._priorities_seen |= set(depth)
