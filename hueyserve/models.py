@@ -19,6 +19,18 @@ logger = logging.getLogger(__name__)
 
 #: Model names: also directory names in the store, so nothing that could leave it.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Versions: positive integers (also directory names in the store).
+VERSION = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def check_name_and_version(name: str, version: str) -> None:
+    """A ValueError unless `name` and `version` are what the store could hold: read from
+    Redis, they are checked as strictly as read from a request."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"not a model name: {name!r}")
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
+        raise ValueError(f"not a model version: {version!r}")
+
 
 #: A model's answer: output name -> one value per input row (a column, not rows).
 Outputs = dict[str, list[Any]]
@@ -109,7 +121,12 @@ class ModelEntry:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ModelEntry:
         data = orjson.loads(raw)
-        return cls(data["name"], str(data["active"]), data["versions"], bool(data["pinned"]))
+        entry = cls(data["name"], str(data["active"]), data["versions"], bool(data["pinned"]))
+        for version in entry.versions:  # written by workers, but read from Redis: check it
+            check_name_and_version(entry.name, version)
+        if entry.active not in entry.versions:
+            raise ValueError(f"model {entry.name!r}: active version {entry.active!r} is unknown")
+        return entry
 
 
 def parse_entries(found: Mapping[Any, bytes | str]) -> dict[str, ModelEntry]:
@@ -120,7 +137,7 @@ def parse_entries(found: Mapping[Any, bytes | str]) -> dict[str, ModelEntry]:
         try:
             entry = ModelEntry.from_json(raw)
         except (ValueError, KeyError, TypeError):
-            logger.warning("ignoring a model entry in an unknown format: %.80r", raw)
+            logger.warning("ignoring a model entry that does not check out: %.80r", raw)
             continue
         parsed[entry.name] = entry
     return parsed

@@ -22,7 +22,7 @@ from hueyserve import wire
 from hueyserve.api.guard import RequestGuard
 from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
-from tests.helpers import PREDICT, GateModel, poll_job, wait_for
+from tests.helpers import PREDICT, GateModel, poll_job, services_of, wait_for
 
 BODY = {"instances": EXAMPLE_ROWS}
 
@@ -184,3 +184,27 @@ def test_a_secret_proof_tells_secrets_apart_and_reveals_none() -> None:
     proofs = {wire.secret_proof(s) for s in (None, "s1", "s2")}
     assert len(proofs) == 3 and not any("s1" in p or "s2" in p for p in proofs)
     assert wire.secret_proof("s1") == wire.secret_proof("s1")
+
+
+# --- issue 11.8: names and versions read from Redis are checked like a request's -------------
+
+
+def test_a_tampered_catalog_entry_is_ignored_and_never_loaded(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    body = {"instances": EXAMPLE_ROWS[:1]}
+    assert client.post(PREDICT, json=body).headers["X-Model-Version"] == "1"
+    entry = json.loads(redis_conn.hget(wire.MODELS_KEY, "diabetes"))
+    entry["versions"]["../iris/1"] = entry["versions"]["1"]
+    entry["active"] = "../iris/1"  # a Redis writer points diabetes at iris's folder
+    tampered = json.dumps(entry)
+    redis_conn.hset(wire.MODELS_KEY, "diabetes", tampered)
+    redis_conn.publish(wire.MODELS_CHANNEL, tampered)
+    marker = json.loads(redis_conn.hget(wire.MODELS_KEY, "iris"))
+    marker["pinned"] = True  # a harmless change after it: once seen, the tamper was read
+    redis_conn.publish(wire.MODELS_CHANNEL, json.dumps(marker))
+    wait_for(lambda: services_of(client).catalog.models["iris"].pinned, "the marker")
+    answer = client.post(PREDICT, json={"instances": EXAMPLE_ROWS[1:]})
+    assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1"
+    with pytest.raises(ValueError, match="version"):
+        core.worker.registry.get("diabetes", "../iris/1")

@@ -56,7 +56,12 @@ class ModelCatalog:
             # heartbeat. Until then the last known versions are better than 404s.
             self.synced_at = time.monotonic()
             return
-        self.models = parse_entries(found)
+        parsed = parse_entries(found)
+        for raw_name in found:  # an entry that does not check out: keep what we had of it
+            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            if name not in parsed and name in self.models:
+                parsed[name] = self.models[name]
+        self.models = parsed
         self.synced_at = time.monotonic()
 
     def apply(self, entry: ModelEntry) -> None:

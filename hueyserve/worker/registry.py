@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from cachetools import LRUCache
 
-from hueyserve.models import Outputs
+from hueyserve.models import Outputs, check_name_and_version
 from hueyserve.worker.store import ModelStore
 
 
@@ -48,6 +48,7 @@ class ModelRegistry:
 
     def get(self, name: str, version: str) -> LoadedModel:
         """The model `name` at `version`, loading it from disk if this process has not yet."""
+        check_name_and_version(name, version)  # both came through Redis: never a path out
         key = (name, version)
         with self._lock:  # one load at a time: a forest takes ~0.2 s and lots of memory
             model = self._pinned.get(key) or self._active.get(key) or self._loaded.get(key)
