@@ -282,3 +282,51 @@ def stop_and_restart_redis(
         timeout_s=30,
     )
     return outage_at, back_at, time.monotonic() - back_at
+
+
+# --- issue 11.5: a training child dies with its consumer ------------------------------------
+
+
+def children(pid: int) -> dict[int, str]:
+    """Processes whose parent is `pid`, with their command lines (from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                found[int(stat.parent.name)] = cmdline.decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_training_child_dies_with_its_killed_consumer(faults: FaultStack) -> None:
+    """A fit that would run for hours: its consumer is killed (as the OOM killer would), and
+    the child must not go on fitting, unbounded, with nobody to stop it."""
+    consumer = faults.add_consumer()
+    wait_for(faults.ready, "the stack to be ready", timeout_s=60)
+    plan = {"estimator": "RandomForestRegressor", "params": {"n_estimators": 10**9}}
+    accepted = httpx.post(f"{faults.base}/v1/models/diabetes/train", json=plan, timeout=5)
+    assert accepted.status_code == 202, accepted.text
+    fitting = wait_for(
+        lambda: [p for p, cmd in children(consumer.pid).items() if "spawn_main" in cmd],
+        "the training child to start",
+        timeout_s=60,
+    )
+    try:
+        consumer.kill()
+        consumer.wait()
+        wait_for(lambda: not any(alive(pid) for pid in fitting), "the child to die", 10)
+    finally:
+        for pid in fitting:  # started by our consumer: never leave it behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

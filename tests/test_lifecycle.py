@@ -19,8 +19,9 @@ import main
 from hueyserve import wire
 from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
+from hueyserve.training import TrainingError, TrainPlan
 from hueyserve.worker import publishing
-from hueyserve.worker.fitting import Trainer
+from hueyserve.worker.fitting import Owner, Trainer, train_and_save
 from hueyserve.worker.registry import ModelRegistry
 from hueyserve.worker.store import ModelStore
 from tests.helpers import PREDICT, poll_job, services_of, wait_for
@@ -271,3 +272,17 @@ def test_the_training_lock_is_renewed_while_a_training_runs(
             assert not theirs, "a second training got the lock while the first one ran"
     with second.slot(wait_s=None) as theirs:
         assert theirs  # released at the end
+
+
+def test_a_training_that_lost_its_lock_saves_nothing(
+    redis_conn: redis.Redis, model_store: ModelStore
+) -> None:
+    """Issue 11.5: a fit that outlived its worker's lock wrote a version that no job reports."""
+    plan = TrainPlan("diabetes", "Ridge", {})
+    url = f"redis://127.0.0.1:{redis_conn.connection_pool.connection_kwargs['port']}/0"
+    redis_conn.set(wire.TRAINING_LOCK_KEY, b"someone-else")
+    with pytest.raises(TrainingError, match="lost its lock"):
+        train_and_save(model_store, "diabetes", plan, Path(), Owner(url, b"mine"))
+    assert model_store.versions("diabetes") == ["1"]
+    redis_conn.set(wire.TRAINING_LOCK_KEY, b"mine")
+    assert train_and_save(model_store, "diabetes", plan, Path(), Owner(url, b"mine")) == "2"

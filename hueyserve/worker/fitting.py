@@ -8,11 +8,13 @@ long fit cannot slow the predictions its worker serves.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -109,9 +111,33 @@ def _metrics(estimator: Any, x: np.ndarray, y: np.ndarray, classifier: bool) -> 
     }
 
 
-def train_and_save(store: ModelStore, name: str, plan: TrainPlan, data_dir: Path) -> str:
-    """Train a new version of `name` and write it to the store; returns its version."""
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """Whose training this is: the holder of the training lock in the Redis at `redis_url`.
+    A training saves only while its job still holds the lock: once the lock lapsed (its
+    worker was presumed dead), the job is someone else's to run again."""
+
+    redis_url: str
+    token: bytes
+
+    def check(self) -> None:
+        with redis.Redis.from_url(self.redis_url, socket_timeout=5) as conn:
+            holder = conn.get(TRAINING_LOCK_KEY)
+        if holder != self.token:
+            raise TrainingError(
+                "this training lost its lock (its worker was presumed dead and the job may run "
+                "again elsewhere); its model was not saved"
+            )
+
+
+def train_and_save(
+    store: ModelStore, name: str, plan: TrainPlan, data_dir: Path, owner: Owner | None = None
+) -> str:
+    """Train a new version of `name` and write it to the store, if it is still `owner`'s
+    training; returns its version."""
     estimator, metadata = train(plan, data_dir)
+    if owner is not None:
+        owner.check()
     version = store.save(name, estimator, metadata)
     logger.info("trained %s version %s: %s", name, version, metadata["metrics"])
     return version
@@ -125,17 +151,19 @@ def train_in_child(
     *,
     niceness: int,
     timeout_s: float,
+    owner: Owner | None = None,
 ) -> str:
     """`train_and_save` in a fresh process at a lower CPU priority, stopped after `timeout_s`.
     Fitting and saving hold the GIL for long stretches; in a child they cannot slow the
-    predictions this worker process serves, and the OS gives predictions the cores first."""
+    predictions this worker process serves, and the OS gives predictions the cores first.
+    The child dies with this worker thread (a killed consumer leaves no fit running)."""
     if multiprocessing.current_process().daemon:
         # `huey_consumer -k process`: a daemon may not start children, and this worker is a
         # process of its own anyway, so no other worker shares its GIL.
-        return train_and_save(store, name, plan, data_dir)
+        return train_and_save(store, name, plan, data_dir, owner)
     context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded process
-    with context.Pool(1, initializer=os.nice, initargs=(niceness,)) as child:
-        pending = child.apply_async(train_and_save, (store, name, plan, data_dir))
+    with context.Pool(1, initializer=_start_child, initargs=(niceness, os.getpid())) as child:
+        pending = child.apply_async(train_and_save, (store, name, plan, data_dir, owner))
         try:
             return str(pending.get(timeout_s))
         except multiprocessing.TimeoutError:
@@ -143,6 +171,21 @@ def train_in_child(
                 f"training took longer than {timeout_s:g}s (HUEYSERVE_TRAIN_TIMEOUT_S) and was "
                 "stopped; train a smaller model or raise the limit"
             ) from None
+
+
+PR_SET_PDEATHSIG = 1  #: prctl(2): the signal this process gets when its parent thread ends
+
+
+def _start_child(niceness: int, parent: int) -> None:
+    """In the training child: a lower CPU priority, and death with its parent (Linux)."""
+    os.nice(niceness)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the time limit bounds it while the parent lives
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:
@@ -169,9 +212,11 @@ class Trainer:
         self.conn = conn
         self.store = store
         self.settings = settings
+        self._owner: Owner | None = None  # the training lock this process holds, if any
 
     def train(self, name: str, plan: TrainPlan) -> str:
-        """Fit and save a new version of `name` in a child process; its number."""
+        """Fit and save a new version of `name` in a child process, while this worker holds
+        the training lock (`slot`); its number."""
         return train_in_child(
             self.store,
             name,
@@ -179,6 +224,7 @@ class Trainer:
             self.settings.dataset_dir,
             niceness=self.settings.train_niceness,
             timeout_s=self.settings.train_timeout_s,
+            owner=self._owner,
         )
 
     def retrain(self, wanted: set[str]) -> dict[str, str]:
@@ -232,9 +278,12 @@ class Trainer:
                     logger.warning("could not renew the training lock: %s", exc)
 
         threading.Thread(target=renew, name="training-lock", daemon=True).start()
+        token = lock.local.token
+        self._owner = Owner(self.settings.redis_url, token) if isinstance(token, bytes) else None
         try:
             yield True
         finally:
+            self._owner = None
             done.set()
             with contextlib.suppress(LockError, RedisError):  # lost: expired meanwhile
                 lock.release()
