@@ -66,6 +66,11 @@ CACHE_LOOKUPS = Counter(
     "Prediction cache lookups by where (api, worker) and result (hit, miss).",
     ["where", "result"],
 )
+PROCESS_RESTARTS = Counter(
+    "hueyserve_process_restarts_total",
+    "Processes `make run` started again after they exited on their own, by process.",
+    ["process"],
+)
 JOBS = Counter(
     "hueyserve_jobs_total",
     "Jobs by kind and what happened: submitted and cancelled (API); done, failed and "

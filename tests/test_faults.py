@@ -29,7 +29,7 @@ import core
 from hueyserve import wire
 from hueyserve.dev.redis_server import EmbeddedRedis, free_port
 from hueyserve.dev.stack import stop
-from tests.helpers import BIN, PREDICT, spawn, wait_for
+from tests.helpers import BIN, PREDICT, alive, children, spawn, wait_for
 
 
 class FaultStack:
@@ -285,28 +285,6 @@ def stop_and_restart_redis(
 
 
 # --- issue 11.5: a training child dies with its consumer ------------------------------------
-
-
-def children(pid: int) -> dict[int, str]:
-    """Processes whose parent is `pid`, with their command lines (from /proc)."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
-                found[int(stat.parent.name)] = cmdline.decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_training_child_dies_with_its_killed_consumer(faults: FaultStack) -> None:

@@ -1,7 +1,10 @@
 """`make run`: the whole stack in one terminal, stopped cleanly by Ctrl-C.
 
 Starts Redis (an embedded redis-server with its data and AOF under data/, unless REDIS_URL
-names a server), one `huey_consumer core.huey` and uvicorn, then waits. On Ctrl-C or SIGTERM it
+names a server), one `huey_consumer core.huey` and uvicorn, says when the service is ready, and
+supervises them: one that exits on its own (killed, out of memory) is started again after
+1, 2, 4 ... up to 30 s, counted in `hueyserve_process_restarts_total`, and reported as a crash
+loop after 5 exits in a minute, while the other goes on serving. On Ctrl-C or SIGTERM it
 stops them in order: the API first (no new work), the consumer gracefully (SIGINT lets running
 tasks finish), then Redis (which flushes its AOF).
 """
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from hueyserve.dev.redis_server import EmbeddedRedis
@@ -25,6 +29,9 @@ METRICS_DIR = Path("data/metrics")
 
 logger = logging.getLogger("hueyserve.dev.stack")
 STOP_TIMEOUT_S = 30.0
+RESTART_MAX_S = 30  #: longest wait before restarting a process that exited
+CRASH_WINDOW_S = 60  #: exits within this long count toward a crash loop
+CRASH_LOOP_EXITS = 5  #: this many exits within the window: reported as a crash loop
 
 
 def start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -82,34 +89,82 @@ def main() -> int:
         embedded.start()
         env["REDIS_URL"] = embedded.url
         logger.info("embedded redis-server on %s (data in data/)", embedded.url)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"]
+    from hueyserve.metrics import PROCESS_RESTARTS  # after the line above: multiprocess mode
+
     bin_dir = Path(sys.executable).parent
     children = [
-        ("consumer", start([
+        Child("consumer", [
             str(bin_dir / "huey_consumer"), "core.huey",
             "-k", settings.worker_type, "-w", str(settings.workers),
-        ], env)),
-        ("api", start([
+        ], env),
+        Child("api", [
             sys.executable, "-m", "uvicorn", "main:app",
             "--host", args.host, "--port", str(args.port),
             "--log-config", "config/logger.config",
-        ], env)),
+        ], env),
     ]  # fmt: skip
-    logger.info("serving on http://%s:%s; Ctrl-C stops everything", args.host, args.port)
-    status = 0
+    url = f"http://{args.host}:{args.port}"
+    logger.info("starting on %s; Ctrl-C stops everything", url)
+    ready = False
     try:
         while not stopping:
-            for name, process in children:
-                if process.poll() is not None:
-                    logger.error("%s exited with %s; stopping the stack", name, process.returncode)
-                    stopping, status = True, 1
+            for child in children:
+                if child.supervise(time.monotonic()):
+                    PROCESS_RESTARTS.labels(child.name).inc()
+            if not ready and _ready(url):
+                ready = True
+                logger.info("ready: %s (docs at %s/docs)", url, url)
             time.sleep(0.2)
     finally:
-        for name, process in reversed(children):
-            stop(process, name)
+        for child in reversed(children):
+            if child.process is not None:
+                stop(child.process, child.name)
         if embedded is not None:
             embedded.stop()
         logger.info("stopped")
-    return status
+    return 0
+
+
+class Child:
+    """One supervised process: started at once, started again with a growing delay when it
+    exits on its own (a killed consumer must not take the API down with it)."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.command = command
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = start(command, env)
+        self.exits: list[float] = []  # when it exited on its own, within CRASH_WINDOW_S
+        self.restart_at: float | None = None
+
+    def supervise(self, now: float) -> bool:
+        """Notice an exit and schedule a restart, or restart when due; True on a restart."""
+        if self.process is not None and self.process.poll() is not None:
+            self.exits = [t for t in self.exits if now - t < CRASH_WINDOW_S] + [now]
+            delay = min(RESTART_MAX_S, 2 ** (len(self.exits) - 1))
+            logger.error(
+                "%s (pid %s) exited with %s; restarting it in %ss",
+                self.name, self.process.pid, self.process.returncode, delay,
+            )  # fmt: skip
+            if len(self.exits) >= CRASH_LOOP_EXITS:
+                logger.error(
+                    "%s is in a crash loop: %d exits in %ds; see its log above and logs/",
+                    self.name, len(self.exits), CRASH_WINDOW_S,
+                )  # fmt: skip
+            self.process, self.restart_at = None, now + delay
+        if self.process is None and self.restart_at is not None and now >= self.restart_at:
+            self.process, self.restart_at = start(self.command, self.env), None
+            return True
+        return False
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:  # refused, not ready (503) or slow: look again later
+        return False
 
 
 if __name__ == "__main__":

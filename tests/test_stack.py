@@ -1,0 +1,86 @@
+"""`make run`'s supervisor (hueyserve.dev.stack) as an operator meets it: a killed consumer is
+started again while the API goes on serving, and Ctrl-C still stops everything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2 as httpx
+import redis
+
+from hueyserve.dev.redis_server import EmbeddedRedis, free_port
+from tests.helpers import ROOT, alive, children, wait_for
+
+
+def test_a_killed_consumer_is_restarted_while_the_api_serves(
+    redis_server: EmbeddedRedis, redis_conn: redis.Redis, demo_models: Path, tmp_path: Path
+) -> None:
+    """Issue 11.12: the supervisor stopped the whole stack when its consumer died."""
+    shutil.copytree(demo_models, tmp_path / "models")
+    (tmp_path / "config").mkdir()
+    shutil.copy(ROOT / "config" / "logger.config", tmp_path / "config")
+    for folder in ("logs", "metrics"):
+        (tmp_path / folder).mkdir()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "PYTHONPATH": str(ROOT),
+        "HUEYSERVE_MODEL_DIR": str(tmp_path / "models"),
+        "HUEYSERVE_LOG_DIR": str(tmp_path / "logs"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        "HUEYSERVE_WORKERS": "2",
+    }
+    base = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "hueyserve.dev.stack", "--port", base.rsplit(":", 1)[1]]
+    log = tmp_path / "stack.log"
+    with open(log, "wb") as output:
+        stack = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    started: set[int] = set()  # every process the stack started, to leave none behind
+
+    def consumers() -> list[int]:
+        found = children(stack.pid)
+        started.update(found)
+        return [pid for pid, cmd in found.items() if "huey_consumer" in cmd]
+
+    def ready() -> bool:
+        started.update(children(stack.pid))
+        try:
+            return httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, "the stack to be ready", timeout_s=60)
+        wait_for(lambda: "ready: " in log.read_text(), "the stack to say it is ready")
+        (first,) = consumers()
+        os.kill(first, signal.SIGKILL)  # as the OOM killer would
+        assert httpx.get(f"{base}/v2/health/live", timeout=2).status_code == 200
+        wait_for(lambda: [p for p in consumers() if p != first], "a new consumer", 15)
+        wait_for(ready, "the stack to be ready again", timeout_s=60)
+        assert httpx.get(f"{base}/v1/models", timeout=2).status_code == 200
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        assert 'hueyserve_process_restarts_total{process="consumer"} 1.0' in metrics
+        assert "consumer (pid" in log.read_text() and "restarting it in 1s" in log.read_text()
+        stack.send_signal(signal.SIGINT)  # Ctrl-C
+        assert stack.wait(60) == 0
+        assert not [pid for pid in children(stack.pid)] and not any(map(alive, started))
+    finally:
+        started.update(children(stack.pid))
+        if stack.poll() is None:  # stop it as Ctrl-C would, so it stops what it started
+            stack.send_signal(signal.SIGINT)
+            try:
+                stack.wait(60)
+            except subprocess.TimeoutExpired:
+                stack.kill()
+                stack.wait()
+        for pid in started:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
