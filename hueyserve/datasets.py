@@ -43,9 +43,10 @@ class Dataset:
     fingerprint: str  #: changes whenever the data does
 
 
-def check_source(source: str, data_dir: Path) -> Path | None:
+def check_source(source: str, data_dir: Path, target: str | None = None) -> Path | None:
     """Raise DatasetError unless `source` names a bundled set or an existing CSV inside
-    `data_dir`; returns the CSV's path (None for a bundled set)."""
+    `data_dir` (with a `target` column, when named); returns the CSV's path (None for a
+    bundled set)."""
     if source in BUNDLED:
         return None
     if not source.endswith(".csv"):
@@ -63,6 +64,14 @@ def check_source(source: str, data_dir: Path) -> Path | None:
         raise DatasetError(f"dataset {source!r} is outside the data folder; name a file inside it")
     if not exists:
         raise DatasetError(f"no file {source!r} in the data folder {root}")
+    if target is not None:
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as handle:
+                header = next(csv.reader(handle), [])
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DatasetError(f"{source}: cannot read its header row ({exc})") from exc
+        if target not in header:
+            raise DatasetError(f"{source}: no column {target!r}; columns: {', '.join(header)}")
     return path
 
 

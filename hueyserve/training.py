@@ -105,7 +105,7 @@ def plan(
     )
     build_estimator(result)
     try:
-        datasets.check_source(result.dataset, data_dir)
+        datasets.check_source(result.dataset, data_dir, result.target)
     except datasets.DatasetError as exc:
         raise TrainingError(str(exc)) from exc
     return result

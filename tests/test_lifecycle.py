@@ -286,3 +286,12 @@ def test_a_training_that_lost_its_lock_saves_nothing(
     assert model_store.versions("diabetes") == ["1"]
     redis_conn.set(wire.TRAINING_LOCK_KEY, b"mine")
     assert train_and_save(model_store, "diabetes", plan, Path(), Owner(url, b"mine")) == "2"
+
+
+def test_a_csv_target_that_is_not_a_column_is_a_422(client: TestClient) -> None:
+    """Issue 11.17: it was accepted, and failed only in the worker."""
+    write_csv("columns.csv", [[1, 2], [3, 4], [5, 6]], ["x", "y"])
+    body = {"dataset": "columns.csv", "target": "z", "estimator": "Ridge"}
+    response = client.post("/v1/models/columns/train", json=body)
+    assert response.status_code == 422, response.text
+    assert "no column 'z'; columns: x, y" in response.json()["error"]
