@@ -403,10 +403,10 @@ def test_a_task_whose_jobs_cannot_be_marked_running_is_not_run_then(
     start = core.worker.records.start
     failures = [redis.ConnectionError("Redis went away")]
 
-    def flaky_start(*job_ids: str) -> bool:
+    def flaky_start(*job_ids: str, **options: Any) -> bool:
         if failures:
             raise failures.pop()
-        return start(*job_ids)
+        return start(*job_ids, **options)
 
     monkeypatch.setattr(core.worker.records, "start", flaky_start)
     body = {"model": "diabetes", "instances": [[0.03] * 10]}

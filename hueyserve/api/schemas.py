@@ -19,6 +19,8 @@ Priority = Annotated[int, Field(ge=0, le=100, description="0-100; higher runs fi
 #: Longest duration a request may ask for (a job's deadline, a wait): longer ones overflow
 #: the dates they become, and nobody means them.
 MAX_DURATION_S = 365 * 24 * 3600
+#: Seconds, above 0 and at most MAX_DURATION_S (the field's description says of what).
+Duration = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]
 
 EXAMPLE_ROWS = [
     [0.0381, 0.0507, 0.0617, 0.0219, -0.0442, -0.0348, -0.0434, -0.0026, 0.0199, -0.0176],
@@ -42,10 +44,8 @@ class PredictRequest(BaseModel):
 
     instances: Instances
     priority: Priority | None = None
-    timeout: float | None = Field(
+    timeout: Duration | None = Field(
         default=None,
-        gt=0,
-        le=MAX_DURATION_S,
         description="Sync: seconds to wait for the result. With `Prefer: respond-async`: "
         "seconds the job may wait in the queue before it expires.",
     )
@@ -72,10 +72,8 @@ class JobSubmit(BaseModel):
     version: str | None = Field(default=None, description="A version; the active one if unset.")
     instances: Instances
     priority: Priority | None = None
-    timeout: float | None = Field(
+    timeout: Duration | None = Field(
         default=None,
-        gt=0,
-        le=MAX_DURATION_S,
         description="Seconds the job may wait in the queue; past them it is not run and "
         "reads `expired`.",
     )
