@@ -25,7 +25,7 @@ from hueyserve import wire
 from hueyserve.jobs import RELOAD_PRIORITY, JobKind
 from hueyserve.settings import settings
 from hueyserve.training import TrainPlan
-from hueyserve.worker.fitting import ensure_demo_models
+from hueyserve.worker.fitting import TrainingLost, ensure_demo_models
 from hueyserve.worker.leases import LeasingStorage
 from hueyserve.worker.process import WorkerProcess
 
@@ -96,11 +96,15 @@ def train(name: str, plan: TrainPlan, task: Task) -> dict[str, Any]:
     """Train a new version of `name` as planned, save it and make it active (unless an
     operator pinned another). One training runs at a time: the others wait in the queue
     rather than hold worker threads."""
-    with worker.trainer.slot(wait_s=None) as mine:
-        if not mine:
+    with worker.trainer.slot(wait_s=None) as owner:
+        if owner is None:
             worker.records.retrying(task.id, "waiting for the training that is running to finish")
             raise RetryTask(delay=TRAINING_RETRY_S)
-        version = worker.trainer.train(name, plan)
+        try:
+            version = worker.trainer.train(name, plan, owner)
+        except TrainingLost as lost:  # presumed dead meanwhile: run the job again, not fail it
+            worker.records.retrying(task.id, str(lost))
+            raise RetryTask(delay=TRAINING_RETRY_S) from lost
     entry = worker.promoter.publish_new(name)  # loads it here first: no request waits for it
     worker.records.done(task.id, version=version)
     model = entry.get(version)

@@ -121,7 +121,12 @@ class ModelEntry:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ModelEntry:
         data = orjson.loads(raw)
-        entry = cls(data["name"], str(data["active"]), data["versions"], bool(data["pinned"]))
+        versions = data["versions"]
+        if not isinstance(versions, dict) or not all(
+            isinstance(m, dict) for m in versions.values()
+        ):
+            raise ValueError("versions must map each version to its metadata")
+        entry = cls(data["name"], str(data["active"]), versions, bool(data["pinned"]))
         for version in entry.versions:  # written by workers, but read from Redis: check it
             check_name_and_version(entry.name, version)
         if entry.active not in entry.versions:

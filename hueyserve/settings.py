@@ -6,6 +6,7 @@ Every setting is listed in the README. Names are the field names upper-cased wit
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import (
@@ -35,7 +36,7 @@ class Settings(BaseSettings):
     )
     embedded_redis_maxmemory: str = Field(
         "1gb",
-        pattern=r"^[0-9]+(b|kb|mb|gb)?$",
+        pattern=r"(?i)^[0-9]+(b|k|kb|m|mb|g|gb)?$",
         description="`make run` without REDIS_URL: the embedded Redis's memory limit (with "
         "noeviction: past it, submissions are refused, never silently dropped); 0: none.",
     )
@@ -167,6 +168,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_sync_ttl(self) -> Settings:
         if self.sync_result_ttl_s < self.predict_timeout_s:
+            if "sync_result_ttl_s" not in self.model_fields_set:  # the default: follow it
+                self.sync_result_ttl_s = math.ceil(self.predict_timeout_s)
+                return self
             raise ValueError(
                 "HUEYSERVE_SYNC_RESULT_TTL_S must be at least HUEYSERVE_PREDICT_TIMEOUT_S: a "
                 "sync caller that timed out must still find its job"

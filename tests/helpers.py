@@ -61,17 +61,27 @@ def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
 
 
+def cmdline(pid: int) -> str | None:
+    """A process's command line (None once it is gone)."""
+    try:
+        return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")).decode(
+            errors="replace"
+        )
+    except OSError:
+        return None
+
+
 def children(pid: int) -> dict[int, str]:
     """Processes whose parent is `pid`, with their command lines (from /proc)."""
     found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
-                found[int(stat.parent.name)] = cmdline.decode(errors="replace")
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
+        command = cmdline(int(stat.parent.name)) if parent == pid else None
+        if command is not None:
+            found[int(stat.parent.name)] = command
     return found
 
 

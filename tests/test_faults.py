@@ -292,7 +292,8 @@ def test_a_training_child_dies_with_its_killed_consumer(faults: FaultStack) -> N
     the child must not go on fitting, unbounded, with nobody to stop it."""
     consumer = faults.add_consumer()
     wait_for(faults.ready, "the stack to be ready", timeout_s=60)
-    plan = {"estimator": "RandomForestRegressor", "params": {"n_estimators": 10**9}}
+    # Hours of boosting, one small tree at a time (a forest would build all its trees first).
+    plan = {"estimator": "GradientBoostingRegressor", "params": {"n_estimators": 10**7}}
     accepted = httpx.post(f"{faults.base}/v1/models/diabetes/train", json=plan, timeout=5)
     assert accepted.status_code == 202, accepted.text
     fitting = wait_for(
@@ -303,7 +304,7 @@ def test_a_training_child_dies_with_its_killed_consumer(faults: FaultStack) -> N
     try:
         consumer.kill()
         consumer.wait()
-        wait_for(lambda: not any(alive(pid) for pid in fitting), "the child to die", 10)
+        wait_for(lambda: not any(alive(pid) for pid in fitting), "the child to die", 30)
     finally:
         for pid in fitting:  # started by our consumer: never leave it behind
             if alive(pid):

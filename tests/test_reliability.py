@@ -299,7 +299,7 @@ def test_readiness_is_false_while_redis_may_evict_keys(
         core.worker.check_redis()
     assert "allkeys-lru" in caplog.text
     evicting_redis.config_set("maxmemory-policy", "noeviction")
-    assert client.get("/v2/health/ready").status_code == 200
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "ready again")
 
 
 # --- issue 11.11: Redis unreachable is a 503, not "unknown model" ---------------------------
@@ -348,13 +348,12 @@ def test_a_result_that_cannot_be_read_is_a_failed_job_not_a_500(
 
 @pytest.fixture
 def full_redis(redis_conn: redis.Redis) -> Iterator[Callable[[], None]]:
-    """Call it to make Redis refuse writes (maxmemory reached under noeviction); the writes
-    are allowed again when the fixture ends (or the test calls `free_redis`)."""
+    """Call it to make Redis refuse writes (maxmemory far below what is used, under
+    noeviction); writes are allowed again when the fixture ends (or the test calls
+    `free_redis`)."""
 
     def fill() -> None:
-        redis_conn.set("filler", b"x" * (1 << 20))
-        used = int(redis_conn.info("memory")["used_memory"])
-        redis_conn.config_set("maxmemory", used - (1 << 19))  # below what is used already
+        redis_conn.config_set("maxmemory", 1)
         with pytest.raises(redis.ResponseError, match="maxmemory"):
             redis_conn.set("probe", 1)
 
@@ -365,7 +364,6 @@ def full_redis(redis_conn: redis.Redis) -> Iterator[Callable[[], None]]:
 
 
 def free_redis(conn: redis.Redis) -> None:
-    conn.delete("filler")
     conn.config_set("maxmemory", 0)
 
 
@@ -382,9 +380,10 @@ def test_a_job_ending_while_redis_refuses_writes_is_run_again_once_it_accepts_th
     core.huey.storage.renew()
     full_redis()
     gate.release.set()  # the blocker ends now: its result and its retry are refused
-    wait_for(lambda: gate.calls == [0.0] and redis_conn.zcard(wire.leases_key(
-        core.huey.storage.queue_key)) == 1, "the worker to have tried")  # fmt: skip
-    time.sleep(0.5)
+    # The worker thread ended the task (its writes refused) and went back for the next one:
+    # it holds nothing any more, and its lease is still in Redis, no longer renewed.
+    wait_for(lambda: core.huey.storage.holding() == 0, "the worker to have tried to end it")
+    assert redis_conn.zcard(wire.leases_key(core.huey.storage.queue_key)) == 1
     free_redis(redis_conn)
     job = wait_for(
         lambda: (j := client.get(f"/v1/jobs/{blocker}").json())["status"] == "done" and j,

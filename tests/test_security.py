@@ -166,15 +166,16 @@ def test_readiness_says_when_no_worker_shares_the_api_s_secret(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness")
-    # As a worker started with another HUEYSERVE_SECRET would prove itself:
+    core.worker.heartbeat.stop()  # its heartbeat goes...
+    # ...and comes back as a worker started with another HUEYSERVE_SECRET would prove itself
     monkeypatch.setattr(core.worker.heartbeat, "proof", wire.secret_proof("another secret"))
-    core.worker.heartbeat.stop()  # its old heartbeat goes; the next proves the other secret
     core.worker.heartbeat.start()
     ready = wait_for(
         lambda: (r := client.get("/v2/health/ready")).status_code == 503 and r, "not ready"
     )
     assert "HUEYSERVE_SECRET" in " ".join(ready.json()["reasons"])
     assert client.get("/v2/models/diabetes/ready").status_code == 503
+    core.worker.heartbeat.stop()
     monkeypatch.undo()
     core.worker.heartbeat.start()
     wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "ready again")
@@ -194,6 +195,8 @@ def test_a_tampered_catalog_entry_is_ignored_and_never_loaded(
 ) -> None:
     body = {"instances": EXAMPLE_ROWS[:1]}
     assert client.post(PREDICT, json=body).headers["X-Model-Version"] == "1"
+    catalog = services_of(client).catalog
+    wait_for(lambda: "iris" in catalog.models, "iris to be published")
     entry = json.loads(redis_conn.hget(wire.MODELS_KEY, "diabetes"))
     entry["versions"]["../iris/1"] = entry["versions"]["1"]
     entry["active"] = "../iris/1"  # a Redis writer points diabetes at iris's folder
@@ -203,7 +206,7 @@ def test_a_tampered_catalog_entry_is_ignored_and_never_loaded(
     marker = json.loads(redis_conn.hget(wire.MODELS_KEY, "iris"))
     marker["pinned"] = True  # a harmless change after it: once seen, the tamper was read
     redis_conn.publish(wire.MODELS_CHANNEL, json.dumps(marker))
-    wait_for(lambda: services_of(client).catalog.models["iris"].pinned, "the marker")
+    wait_for(lambda: catalog.models["iris"].pinned, "the marker")
     answer = client.post(PREDICT, json={"instances": EXAMPLE_ROWS[1:]})
     assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1"
     with pytest.raises(ValueError, match="version"):

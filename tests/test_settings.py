@@ -33,3 +33,13 @@ def test_bad_values_are_named(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+def test_a_long_predict_timeout_raises_the_sync_job_ttl_unless_it_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HUEYSERVE_PREDICT_TIMEOUT_S", "600")
+    assert Settings().sync_result_ttl_s == 600  # a deployment that started before still does
+    monkeypatch.setenv("HUEYSERVE_SYNC_RESULT_TTL_S", "60")
+    with pytest.raises(ValidationError, match="SYNC_RESULT_TTL_S must be at least"):
+        Settings()

@@ -14,7 +14,7 @@ import httpx2 as httpx
 import redis
 
 from hueyserve.dev.redis_server import EmbeddedRedis, free_port
-from tests.helpers import ROOT, alive, children, wait_for
+from tests.helpers import ROOT, alive, children, cmdline, wait_for
 
 
 def test_a_killed_consumer_is_restarted_while_the_api_serves(
@@ -43,7 +43,7 @@ def test_a_killed_consumer_is_restarted_while_the_api_serves(
             command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-    started: set[int] = set()  # every process the stack started, to leave none behind
+    started: dict[int, str] = {}  # every process the stack started, to leave none behind
 
     def consumers() -> list[int]:
         found = children(stack.pid)
@@ -65,13 +65,15 @@ def test_a_killed_consumer_is_restarted_while_the_api_serves(
         assert httpx.get(f"{base}/v2/health/live", timeout=2).status_code == 200
         wait_for(lambda: [p for p in consumers() if p != first], "a new consumer", 15)
         wait_for(ready, "the stack to be ready again", timeout_s=60)
-        assert httpx.get(f"{base}/v1/models", timeout=2).status_code == 200
-        metrics = httpx.get(f"{base}/metrics", timeout=5).text
-        assert 'hueyserve_process_restarts_total{process="consumer"} 1.0' in metrics
+        row = {"instances": [[0.06] * 10]}  # a new row: the new consumer computes it
+        predict = httpx.post(f"{base}/v1/models/diabetes:predict", json=row, timeout=30)
+        assert predict.status_code == 200 and predict.headers["X-Cache"] == "miss"
+        restarted = 'hueyserve_process_restarts_total{process="consumer"} 1.0'
+        wait_for(lambda: restarted in httpx.get(f"{base}/metrics", timeout=5).text, "a count")
         assert "consumer (pid" in log.read_text() and "restarting it in 1s" in log.read_text()
         stack.send_signal(signal.SIGINT)  # Ctrl-C
         assert stack.wait(60) == 0
-        assert not [pid for pid in children(stack.pid)] and not any(map(alive, started))
+        assert not children(stack.pid) and not any(map(alive, started))
     finally:
         started.update(children(stack.pid))
         if stack.poll() is None:  # stop it as Ctrl-C would, so it stops what it started
@@ -81,6 +83,6 @@ def test_a_killed_consumer_is_restarted_while_the_api_serves(
             except subprocess.TimeoutExpired:
                 stack.kill()
                 stack.wait()
-        for pid in started:
-            if alive(pid):
+        for pid, command_line in started.items():
+            if alive(pid) and cmdline(pid) == command_line:  # still ours, not a reused pid
                 os.kill(pid, signal.SIGKILL)

@@ -90,7 +90,9 @@ def main() -> int:
         env["REDIS_URL"] = embedded.url
         logger.info("embedded redis-server on %s (data in data/)", embedded.url)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"]
-    from hueyserve.metrics import PROCESS_RESTARTS  # after the line above: multiprocess mode
+    from prometheus_client import multiprocess  # after the line above: multiprocess mode
+
+    from hueyserve.metrics import PROCESS_RESTARTS
 
     bin_dir = Path(sys.executable).parent
     children = [
@@ -106,12 +108,18 @@ def main() -> int:
     ]  # fmt: skip
     url = f"http://{args.host}:{args.port}"
     logger.info("starting on %s; Ctrl-C stops everything", url)
-    ready = False
+    ready, status = False, 0
     try:
         while not stopping:
             for child in children:
+                exited = child.process
                 if child.supervise(time.monotonic()):
                     PROCESS_RESTARTS.labels(child.name).inc()
+                if exited is not None and child.process is None:  # its gauges end with it
+                    multiprocess.mark_process_dead(exited.pid)  # type: ignore[no-untyped-call]
+                if not ready and len(child.exits) >= CRASH_LOOP_EXITS:
+                    logger.error("%s never came up; stopping (see the errors above)", child.name)
+                    stopping, status = True, 1
             if not ready and _ready(url):
                 ready = True
                 logger.info("ready: %s (docs at %s/docs)", url, url)
@@ -123,7 +131,7 @@ def main() -> int:
         if embedded is not None:
             embedded.stop()
         logger.info("stopped")
-    return 0
+    return status
 
 
 class Child:

@@ -111,6 +111,10 @@ def _metrics(estimator: Any, x: np.ndarray, y: np.ndarray, classifier: bool) -> 
     }
 
 
+class TrainingLost(TrainingError):
+    """The training's lock lapsed before it could save: the job goes back to the queue."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Owner:
     """Whose training this is: the holder of the training lock in the Redis at `redis_url`.
@@ -124,7 +128,7 @@ class Owner:
         with redis.Redis.from_url(self.redis_url, socket_timeout=5) as conn:
             holder = conn.get(TRAINING_LOCK_KEY)
         if holder != self.token:
-            raise TrainingError(
+            raise TrainingLost(
                 "this training lost its lock (its worker was presumed dead and the job may run "
                 "again elsewhere); its model was not saved"
             )
@@ -181,7 +185,9 @@ def _start_child(niceness: int, parent: int) -> None:
     os.nice(niceness)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            logger.warning("prctl failed (errno %s): this training may outlive its worker",
+                           ctypes.get_errno())  # fmt: skip
     except (OSError, AttributeError):  # not Linux: the time limit bounds it while the parent lives
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -212,11 +218,10 @@ class Trainer:
         self.conn = conn
         self.store = store
         self.settings = settings
-        self._owner: Owner | None = None  # the training lock this process holds, if any
 
-    def train(self, name: str, plan: TrainPlan) -> str:
-        """Fit and save a new version of `name` in a child process, while this worker holds
-        the training lock (`slot`); its number."""
+    def train(self, name: str, plan: TrainPlan, owner: Owner) -> str:
+        """Fit and save a new version of `name` in a child process, while `owner` (what
+        `slot` yielded) still holds the training lock; its number."""
         return train_in_child(
             self.store,
             name,
@@ -224,7 +229,7 @@ class Trainer:
             self.settings.dataset_dir,
             niceness=self.settings.train_niceness,
             timeout_s=self.settings.train_timeout_s,
-            owner=self._owner,
+            owner=owner,
         )
 
     def retrain(self, wanted: set[str]) -> dict[str, str]:
@@ -245,20 +250,20 @@ class Trainer:
                         "retrain %s: data unchanged since version %s", name, newest["version"]
                     )
                     continue
-                with self.slot(wait_s=self.settings.train_timeout_s) as mine:
-                    if not mine:
+                with self.slot(wait_s=self.settings.train_timeout_s) as owner:
+                    if owner is None:
                         raise TimeoutError("another training held the lock for too long")
-                    retrained[name] = self.train(name, plan)
+                    retrained[name] = self.train(name, plan, owner)
             except Exception:  # one bad data source must not stop the others
                 logger.exception("retrain %s failed", name)
         return retrained
 
     @contextlib.contextmanager
-    def slot(self, wait_s: float | None) -> Iterator[bool]:
-        """One training at a time across every worker: yields whether this one may train
-        (after waiting up to `wait_s`; None: not at all). The lock lives HUEYSERVE_LEASE_S
-        and is renewed while the training runs, so a worker that dies while training frees
-        it soon."""
+    def slot(self, wait_s: float | None) -> Iterator[Owner | None]:
+        """One training at a time across every worker: yields the lock's Owner when this one
+        may train, else None (after waiting up to `wait_s`; None: not at all). The lock
+        lives HUEYSERVE_LEASE_S and is renewed while the training runs, so a worker that dies
+        while training frees it soon."""
         lease_s = self.settings.lease_s
         # Not thread-local: redis-py would keep the token in the acquiring thread only, and
         # every renewal from the renewing thread would fail.
@@ -266,7 +271,7 @@ class Trainer:
             TRAINING_LOCK_KEY, timeout=lease_s, blocking_timeout=wait_s, thread_local=False
         )
         if not lock.acquire(blocking=wait_s is not None):
-            yield False
+            yield None
             return
         done = threading.Event()
 
@@ -278,12 +283,9 @@ class Trainer:
                     logger.warning("could not renew the training lock: %s", exc)
 
         threading.Thread(target=renew, name="training-lock", daemon=True).start()
-        token = lock.local.token
-        self._owner = Owner(self.settings.redis_url, token) if isinstance(token, bytes) else None
         try:
-            yield True
+            yield Owner(self.settings.redis_url, bytes(lock.local.token))
         finally:
-            self._owner = None
             done.set()
             with contextlib.suppress(LockError, RedisError):  # lost: expired meanwhile
                 lock.release()

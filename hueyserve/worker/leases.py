@@ -206,5 +206,11 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         )
         return found
 
+    def holding(self) -> int:
+        """Entries this process's worker threads hold (leased, or finished and not yet given
+        back at their next take)."""
+        with self._lock:
+            return len(self._held)
+
     def lease_count(self) -> int:
         return int(self.conn.zcard(self.leases_key))

@@ -185,6 +185,8 @@ class JobLifecycle:
     # --- a task does not run, or not to its end ----------------------------------------------
 
     def skipped(self, signal: str, task: Task) -> None:
+        if task.id in self._started:
+            return  # cancelled from its body: it ran, and `task_ended` decides about the lease
         if task.id in self._abandoned:
             self._abandoned.discard(task.id)  # not started for want of Redis: keep its lease
             return
@@ -200,7 +202,7 @@ class JobLifecycle:
         self.storage.finish()
         if tracked(task):
             for job_id in job_ids(task):
-                self.records.expired(job_id)
+                self.records.expired(job_id, ttl_s=self._ttl(task))
             metrics.JOBS.labels(task.name, "expired").inc(len(job_ids(task)))
 
     def errored(self, signal: str, task: Task, exc: BaseException | None = None) -> None:
@@ -246,7 +248,7 @@ class JobLifecycle:
         """Say why the task runs again (before: a worker may take it at once), then queue it."""
         with self.conn.pipeline(transaction=True) as pipe:
             for job_id in job_ids(task):
-                self.records.retrying(job_id, why, pipe=pipe)
+                self.records.retrying(job_id, why, pipe=pipe, ttl_s=self._ttl(task))
             if deaths is not None:
                 self.records.lost(task.id, deaths, pipe=pipe)
             pipe.execute()

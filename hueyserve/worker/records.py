@@ -37,9 +37,9 @@ class JobRecorder:
         ttl = ttl_s or self.ttl_s
         return bool(self._start(keys=keys, args=[time.time(), ttl, worker_id()]))
 
-    def expired(self, job_id: str) -> None:
+    def expired(self, job_id: str, **where: Unpack[Where]) -> None:
         reason = "not run: its deadline passed while it was queued"
-        self._update(job_id, {"status": JobStatus.EXPIRED.value, "error": reason})
+        self._update(job_id, {"status": JobStatus.EXPIRED.value, "error": reason}, **where)
 
     def done(self, job_id: str, *, version: str | None = None, **where: Unpack[Where]) -> None:
         """Finished; `version` is what only the end tells (the version a training made)."""

@@ -19,6 +19,8 @@ from typing import Any
 
 import skops.io
 
+from hueyserve.models import MODEL_NAME, VERSION
+
 ARTIFACT_FILE = "model.skops"
 METADATA_FILE = "metadata.json"
 LOCK_FILE = ".lock"
@@ -43,7 +45,11 @@ class ModelStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and MODEL_NAME.fullmatch(p.name) and self.versions(p.name)
+        )
 
     def versions(self, name: str) -> list[str]:
         """Complete versions of `name`, oldest first."""
@@ -53,7 +59,9 @@ class ModelStore:
         found = [
             p.name
             for p in folder.iterdir()
-            if p.name.isdigit() and (p / ARTIFACT_FILE).is_file() and (p / METADATA_FILE).is_file()
+            if VERSION.fullmatch(p.name)  # a plain number: "007" or "٣" would never be served
+            and (p / ARTIFACT_FILE).is_file()
+            and (p / METADATA_FILE).is_file()
         ]
         return sorted(found, key=int)
 
