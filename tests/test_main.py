@@ -475,3 +475,19 @@ def test_an_empty_queue_has_a_depth_series_per_default_priority(
     depths = scrape(client)
     for priority in (settings.sync_priority, settings.async_priority, settings.train_priority):
         assert depths[("hueyserve_queue_depth", (("priority", str(priority)),))] == 0.0
+
+
+def test_not_ready_until_subscribed_to_result_notifications(
+    client: TestClient, services: Services
+) -> None:
+    """Readiness said 200 right after a Redis restart while sync calls still got 503s: the
+    result listener had not subscribed again yet."""
+    wait_for(lambda: client.get("/v2/health/ready").status_code == 200, "readiness")
+    services.queue.results.connected.clear()  # as while the listener resubscribes
+    try:
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503
+        assert "result notifications" in " ".join(ready.json()["reasons"])
+    finally:
+        services.queue.results.connected.set()
+    assert client.get("/v2/health/ready").status_code == 200

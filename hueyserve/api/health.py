@@ -40,6 +40,10 @@ class HealthService:
         reasons = []
         try:
             await self.queue.ping_ms()
+            if not self.queue.results.connected.is_set():  # sync calls would get 503s
+                reasons.append(
+                    "not subscribed to result notifications yet (Redis was just unreachable)"
+                )
             alive = await self.workers(all_secrets=True)
             if not alive:
                 reasons.append("no worker has reported in: start `huey_consumer core.huey`")
