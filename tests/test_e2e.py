@@ -71,8 +71,10 @@ def stack(redis_conn: redis.Redis, demo_models: Path, tmp_path: Path) -> Iterato
         wait_for(lambda: _ready(base), "the stack to be ready", timeout_s=60)
         yield Stack(base, tmp_path / "logs", consumer)
     finally:
-        assert stop(api) == 0
-        assert stop(consumer) == 0
+        # Both first, then the check: a failed check must not leave a consumer running that
+        # would take the next tests' tasks.
+        codes = [stop(api, "api"), stop(consumer, "consumer")]
+        assert codes == [0, 0], f"the stack did not stop cleanly (exit codes {codes})"
 
 
 def _ready(base: str) -> bool:
