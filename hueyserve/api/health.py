@@ -44,10 +44,10 @@ class HealthService:
                 reasons.append(
                     "not subscribed to result notifications yet (Redis was just unreachable)"
                 )
-            alive = await self.workers(all_secrets=True)
+            alive, sharing = await self._workers()
             if not alive:
                 reasons.append("no worker has reported in: start `huey_consumer core.huey`")
-            elif not await self.workers():
+            elif not sharing:
                 reasons.append(
                     f"{len(alive)} worker(s) report in, but none shares this API's "
                     "HUEYSERVE_SECRET, so none can read its tasks: set the same secret (or "
@@ -72,14 +72,17 @@ class HealthService:
     async def workers(self, *, all_secrets: bool = False) -> dict[str, float]:
         """Workers seen within the heartbeat TTL that share this API's secret (or all, with
         `all_secrets`), with the age of their last beat in seconds."""
+        alive, sharing = await self._workers()
+        return alive if all_secrets else sharing
+
+    async def _workers(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Every live worker, and those sharing this API's secret, from one read."""
         now = time.time()
         beats = await self.queue.heartbeats(since=now - self.settings.heartbeat_ttl_s)
-        return {
-            worker: round(now - beat, 3)
-            for worker, proof, beat in beats
-            # "": a worker of an older release, which shows no proof: cannot tell, so trust it
-            if all_secrets or proof in (self.proof, "")
-        }
+        alive = {worker: round(now - beat, 3) for worker, _, beat in beats}
+        # "": a worker of an older release, which shows no proof: cannot tell, so trust it
+        sharing = {w: alive[w] for w, proof, _ in beats if proof in (self.proof, "")}
+        return alive, sharing
 
     async def update_queue_depth(self) -> None:
         """Set the queue-depth gauge from Redis, a priority level at a time."""
