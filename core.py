@@ -18,11 +18,11 @@ import numpy as np
 from huey import PriorityRedisExpireHuey, crontab
 from huey.api import Task
 from huey.exceptions import RetryTask
-from huey.serializer import SignedSerializer
 from redis import ConnectionPool
 
 from hueyserve import wire
 from hueyserve.jobs import RELOAD_PRIORITY, JobKind
+from hueyserve.serializer import JsonSerializer
 from hueyserve.settings import settings
 from hueyserve.training import TrainPlan
 from hueyserve.worker.fitting import TrainingLost, ensure_demo_models
@@ -31,7 +31,15 @@ from hueyserve.worker.process import WorkerProcess
 
 TRAINING_RETRY_S = 5  # a training job that finds another running looks again this much later
 
-huey = PriorityRedisExpireHuey(
+
+class Huey(PriorityRedisExpireHuey):  # type: ignore[misc]
+    """Huey's priority queue with expiring results, each stored bound to its task's id."""
+
+    def put_result(self, key: str, data: Any) -> Any:
+        return self.storage.put_data(key, self.serializer.dump_result(key, data), is_result=True)
+
+
+huey = Huey(
     name=settings.queue_name,
     # Every task a worker takes is leased until it is done: at least once (worker/leases.py).
     storage_class=LeasingStorage,
@@ -42,9 +50,10 @@ huey = PriorityRedisExpireHuey(
     notify_result=False,
     # A failed attempt that will be retried must not wake the waiter with an error.
     store_intermediate_errors=False,
-    # With a secret, every message is signed; a forged or tampered one fails to deserialize
-    # and the consumer logs and drops it ("Error reading from queue"), never running it.
-    serializer=SignedSerializer(settings.secret.get_secret_value()) if settings.secret else None,
+    # JSON, never pickle: what is read from Redis is data, not code. With a secret, every
+    # message and result is signed; a forged or tampered message fails to deserialize and the
+    # consumer logs and drops it ("Error reading from queue"), never running it.
+    serializer=JsonSerializer(settings.secret.get_secret_value() if settings.secret else None),
     # The consumer blocks on the doorbell for 1 s, so the read timeout must be longer.
     connection_pool=ConnectionPool.from_url(
         settings.redis_url,

@@ -43,7 +43,7 @@ from hueyserve.api.schemas import (
 from hueyserve.api.services import Services, Tasks
 from hueyserve.api.v1 import decode_instances, encode_predictions
 from hueyserve.api.validation import parse_json_body, validation_failure
-from hueyserve.errors import ServiceError
+from hueyserve.errors import RedisUnavailable, ResultUnavailable, ServiceError
 from hueyserve.models import ModelVersion
 from hueyserve.settings import settings
 
@@ -77,7 +77,8 @@ IdempotencyKey = Annotated[
 
 @app.exception_handler(ServiceError)
 async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    if exc.status_code >= 500:
+    # An outage is logged once, by the catalog and the result listener, not once per request.
+    if exc.status_code >= 500 and not isinstance(exc, (RedisUnavailable, ResultUnavailable)):
         logger.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc)
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
 

@@ -6,8 +6,11 @@ Every setting is listed in the README. Names are the field names upper-cased wit
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -135,8 +138,9 @@ class Settings(BaseSettings):
     )
     secret: SecretStr | None = Field(
         None,
-        description="HMAC key signing every task message (Huey's SignedSerializer); the same "
-        "on the API and every worker. Unset: messages are not signed.",
+        description="HMAC key signing every task message and result; the same on the API and "
+        "every worker. `make run` creates one in data/secret. Unset: nothing is signed, and a "
+        "Redis on another host is refused.",
     )
     catalog_resync_s: float = Field(5.0, gt=0, description="API: full reread of active models.")
 
@@ -208,6 +212,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _check_remote_redis_has_a_secret(self) -> Self:
+        host = urlsplit(self.redis_url).hostname
+        if self.secret is None and host is not None and not _loopback(host):
+            raise ValueError(
+                f"REDIS_URL names {host}, not this machine: set HUEYSERVE_SECRET (the same on "
+                "the API and every worker, for example `openssl rand -hex 32`) so that whoever "
+                "else reaches that Redis cannot forge jobs or results"
+            )
+        return self
+
     @field_validator("worker_type")
     @classmethod
     def _check_worker_type(cls, value: str) -> str:
@@ -226,6 +241,15 @@ class Settings(BaseSettings):
                 f"(minute hour day month weekday), got {value!r}"
             )
         return value
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
 
 
 settings = Settings()

@@ -2,8 +2,8 @@
 
 The API plans and validates a job (`plan`, bad parameters are its 422) before enqueueing it;
 a worker fits it (hueyserve.worker.fitting). The plan is stored in the metadata, so a
-scheduled retrain can repeat it on fresh data. `TrainPlan` must stay importable from here:
-Huey pickles it into queued train tasks, which a persisted Redis keeps across upgrades.
+scheduled retrain can repeat it on fresh data. Queued train tasks carry it as JSON
+(hueyserve.serializer), so its fields are part of the wire format.
 """
 
 from __future__ import annotations

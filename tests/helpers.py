@@ -56,9 +56,17 @@ def services_of(client: TestClient) -> Services:
     return services
 
 
-def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """A real process in the repository root, in a session of its own (stopped by PID)."""
-    return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+def spawn(
+    command: list[str], env: dict[str, str], output: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A real process in the repository root, in a session of its own (stopped by PID);
+    its console goes to `output` when given."""
+    if output is None:
+        return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    with open(output, "wb") as console:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, start_new_session=True, stdout=console, stderr=console
+        )
 
 
 def cmdline(pid: int) -> str | None:

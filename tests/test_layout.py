@@ -1,6 +1,6 @@
 """The layout says which process runs what: API code and worker code never import each other,
-every Redis key is spelled in hueyserve.wire, and what Huey keeps across an upgrade still
-loads."""
+every Redis key is spelled in hueyserve.wire, and what an older release queued is refused, never
+unpickled."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 import core
+from hueyserve.serializer import UnreadablePayload
 from hueyserve.training import TrainPlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +19,8 @@ PACKAGE = ROOT / "hueyserve"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_LINES = 300  #: longer modules must say why in their docstring
 
-#: A train task queued by the release before the move (hueyserve 0.1.0 at cca7946), as Huey
-#: serialized it into Redis: it names `core.train` and pickles `hueyserve.training.TrainPlan`.
+#: A train task queued by an older release (hueyserve 0.1.0 at cca7946), as Huey pickled it
+#: into Redis: it names `core.train` and pickles `hueyserve.training.TrainPlan`.
 OLD_TRAIN_MESSAGE = bytes.fromhex(
     "80059501010000000000008c0d687565792e7265676973747279948c074d657373616765949394288c0d6f6c"
     "642d747261696e2d6a6f62948c0a636f72652e747261696e944e4b004b004e8c0469726973948c1268756579"
@@ -93,12 +96,14 @@ def test_every_redis_key_is_spelled_in_the_wire_module() -> None:
     assert spelled and all(entry.startswith("wire.py:") for entry in spelled), spelled
 
 
-def test_a_train_task_queued_before_the_move_still_loads() -> None:
-    task = core.huey.deserialize_task(OLD_TRAIN_MESSAGE)
-    assert task.name == core.train.name and task.id == "old-train-job"
-    name, plan = task.args
-    assert name == "iris" and isinstance(plan, TrainPlan)
-    assert plan == TrainPlan("iris", "RandomForestClassifier", {"n_estimators": 5}, None, 0.25, 3)
+def test_a_pickled_task_from_an_older_release_is_refused_not_unpickled() -> None:
+    """Releases before issue 11 pickled their messages; this one reads JSON only (the README's
+    upgrade note says to let the queue drain first)."""
+    with pytest.raises(UnreadablePayload):
+        core.huey.deserialize_task(OLD_TRAIN_MESSAGE)
+    plan = TrainPlan("iris", "RandomForestClassifier", {"n_estimators": 5}, None, 0.25, 3)
+    task = core.huey.deserialize_task(core.huey.serialize_task(core.train.s("iris", plan)))
+    assert task.name == core.train.name and task.args == ("iris", plan)
 
 
 def test_the_hook_that_marks_jobs_running_comes_first() -> None:

@@ -47,3 +47,19 @@ def test_a_full_embedded_redis_refuses_writes_rather_than_evict() -> None:
         assert conn.config_get("maxmemory") == {"maxmemory": str(64 << 20)}
         assert conn.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         conn.close()
+
+
+def test_a_password_is_asked_of_every_client_and_never_on_the_command_line() -> None:
+    """Issue 11.1: `make run`'s Redis let anyone on the machine write to the queue."""
+    with EmbeddedRedis(password="pw-123") as server:
+        assert server.process is not None
+        assert b"pw-123" not in Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+        anonymous = redis.Redis(port=server.port)
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.set("x", 1)
+        anonymous.close()
+        conn = redis.Redis.from_url(server.url)
+        assert conn.set("x", 1) and "pw-123" not in server.address
+        conn.close()
+    with pytest.raises(ValueError, match="letters, digits"):
+        EmbeddedRedis(password='a" b')

@@ -5,24 +5,28 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import struct
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from huey.serializer import Serializer, SignedSerializer
 
 import core
 import main
 from hueyserve import wire
 from hueyserve.api.guard import RequestGuard
 from hueyserve.api.schemas import EXAMPLE_ROWS
+from hueyserve.serializer import JsonSerializer
 from hueyserve.settings import settings
 from tests.helpers import PREDICT, GateModel, poll_job, services_of, wait_for
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 BODY = {"instances": EXAMPLE_ROWS}
 
@@ -96,14 +100,14 @@ def test_a_forged_message_is_rejected_and_logged_never_run(
 ) -> None:
     """With a secret, the API signs every task; an unsigned one put on the queue by someone
     with Redis access is dropped by the consumer with an error in its log."""
-    monkeypatch.setattr(core.huey, "serializer", SignedSerializer("test-secret"))
+    monkeypatch.setattr(core.huey, "serializer", JsonSerializer("test-secret"))
     consumer_factory(workers=1)
     gate = GateModel()
     gate.release.set()
     with TestClient(main.app) as client, caplog.at_level(logging.ERROR, "huey.consumer"):
         serve_model("gate", gate, n_features=1, client=client)
         forged = core.predict.s("gate", "1", np.array([[42.0]]))
-        unsigned = Serializer().serialize(core.huey._registry.create_message(forged))
+        unsigned = JsonSerializer().serialize(core.huey._registry.create_message(forged))
         member = struct.pack(">Q", time.time_ns() // 1000) + unsigned
         redis_conn.zadd(core.huey.storage.queue_key, {member: -50})
         accepted = client.post("/v1/jobs", json={"model": "gate", "instances": [[1]]})
@@ -114,14 +118,19 @@ def test_a_forged_message_is_rejected_and_logged_never_run(
     assert redis_conn.zcard(core.huey.storage.queue_key) == 0  # dropped, not left to retry
 
 
-def test_a_streamed_body_over_the_limit_is_413_too(client: TestClient) -> None:
+@pytest.mark.parametrize(
+    # Issue 11.17: routes whose body FastAPI parses answered 400 (it hides why a read failed).
+    "path",
+    [PREDICT, "/v1/jobs", "/v1/models/diabetes/train", "/v1/models/diabetes/reload"],
+)
+def test_a_streamed_body_over_the_limit_is_413_too(client: TestClient, path: str) -> None:
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is counted as it comes
         yield b'{"instances": ['
         for _ in range(settings.max_body_bytes // 1000):
             yield b"[" + b"0," * 499 + b"0],"
         yield b"[0]]}"
 
-    response = client.post(PREDICT, content=chunks(), headers={"Content-Type": "application/json"})
+    response = client.post(path, content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert "HUEYSERVE_MAX_BODY_BYTES" in response.json()["error"]
 
@@ -211,3 +220,74 @@ def test_a_tampered_catalog_entry_is_ignored_and_never_loaded(
     assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1"
     with pytest.raises(ValueError, match="version"):
         core.worker.registry.get("diabetes", "../iris/1")
+
+
+# --- issue 11.1: nothing read from Redis is unpickled, by the workers or by the API ----------
+
+
+class Trap:
+    """Unpickling this creates `path`: a Redis writer's way to run code in whoever reads it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self.path).touch, (self.path,))
+
+
+def queue_pickle(redis_conn: redis.Redis, payload: bytes) -> None:
+    """Put `payload` on the queue as a task entry, and ring the workers' doorbell."""
+    queue = core.huey.storage.queue_key
+    redis_conn.zadd(queue, {wire.queue_entry(payload): -50})
+    redis_conn.rpush(wire.doorbell_key(queue), b"1")
+
+
+def test_a_pickle_on_the_queue_runs_in_no_worker(
+    consumer: Any, redis_conn: redis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "ran-in-a-worker"
+    with caplog.at_level(logging.ERROR, "huey.consumer"):
+        queue_pickle(redis_conn, pickle.dumps(Trap(marker)))
+        wait_for(
+            lambda: any("Error reading from queue" in r.getMessage() for r in caplog.records),
+            "the worker to refuse it",
+        )
+    assert not marker.exists()
+    assert redis_conn.zcard(core.huey.storage.queue_key) == 0  # dropped, not left to retry
+
+
+def test_a_pickle_in_redis_runs_nowhere_in_the_api(
+    redis_conn: redis.Redis, model_store: Any, tmp_path: Path
+) -> None:
+    """No consumer runs: what the API reads is only what the test put there."""
+    read_job, purged = tmp_path / "ran-reading-a-job", tmp_path / "ran-in-a-purge"
+    job_id = "0b9d2c8e-1111-4222-8333-944455556666"
+    redis_conn.hset(wire.job_key(job_id), mapping={"status": "done", "kind": "predict"})
+    redis_conn.set(core.huey.storage.result_key(job_id), pickle.dumps(Trap(read_job)))
+    queue_pickle(redis_conn, pickle.dumps(Trap(purged)))
+    with TestClient(main.app) as client:
+        job = client.get(f"/v1/jobs/{job_id}")
+        purge = client.post("/v1/queue/purge")
+    assert not read_job.exists() and not purged.exists()
+    assert job.status_code == 200 and job.json()["status"] == "failed"
+    assert "cannot be read" in job.json()["error"]
+    assert purge.status_code == 200
+
+
+def test_a_result_copied_onto_another_job_is_refused(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the secret, a Redis writer cannot forge a result, nor move a signed one."""
+    monkeypatch.setattr(core.huey, "serializer", JsonSerializer("test-secret"))
+    body = {"model": "diabetes", "instances": [[0.01] * 10]}
+    first, second = (client.post("/v1/jobs", json=body).json()["job_id"] for _ in range(2))
+    poll_job(client, first), poll_job(client, second)
+    stored = redis_conn.get(core.huey.storage.result_key(first))
+    redis_conn.set(core.huey.storage.result_key(second), stored)
+    assert client.get(f"/v1/jobs/{first}").json()["status"] == "done"
+    copied = client.get(f"/v1/jobs/{second}").json()
+    assert copied["status"] == "failed" and "another job" in copied["error"]
+    unsigned = JsonSerializer().dump_result(first, {"predict": [1e6]})
+    redis_conn.set(core.huey.storage.result_key(first), unsigned)
+    forged = client.get(f"/v1/jobs/{first}").json()
+    assert forged["status"] == "failed" and "signature" in forged["error"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx2 as httpx
 import redis
 
+from hueyserve.dev.credentials import load_or_create
 from hueyserve.dev.redis_server import EmbeddedRedis, free_port
 from tests.helpers import ROOT, alive, children, cmdline, wait_for
 
@@ -60,6 +62,8 @@ def test_a_killed_consumer_is_restarted_while_the_api_serves(
     try:
         wait_for(ready, "the stack to be ready", timeout_s=60)
         wait_for(lambda: "ready: " in log.read_text(), "the stack to say it is ready")
+        secret = tmp_path / "data" / "secret"  # none was given: the stack made one
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.read_text().strip()
         (first,) = consumers()
         os.kill(first, signal.SIGKILL)  # as the OOM killer would
         assert httpx.get(f"{base}/v2/health/live", timeout=2).status_code == 200
@@ -86,3 +90,14 @@ def test_a_killed_consumer_is_restarted_while_the_api_serves(
         for pid, command_line in started.items():
             if alive(pid) and cmdline(pid) == command_line:  # still ours, not a reused pid
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_secrets_are_created_once_and_readable_by_their_user_only(tmp_path: Path) -> None:
+    """Issue 11.1: `make run` signs what goes through Redis and locks its Redis by default."""
+    path = tmp_path / "data" / "secret"
+    first = load_or_create(path)
+    assert len(first) == 64 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    path.chmod(0o644)  # somebody loosened it
+    assert load_or_create(path) == first and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create(tmp_path / "other") != first

@@ -35,7 +35,7 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
     app = FastAPI(
         title="hueyserve",
         summary="Serve scikit-learn models on CPUs through a Huey task queue on Redis.",
-        version="0.1.0",
+        version="0.2.0",
         lifespan=lifespan,
         responses=ERRORS,
         # Outermost first, in the order requests travel: the timer sees every answer; the

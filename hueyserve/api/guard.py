@@ -40,37 +40,43 @@ class RequestGuard:
             return
         headers = dict(scope["headers"])
         refusal = self._refusal(scope["path"], headers)
-        if refusal is None:
-            started = False
-
-            async def watched_send(message: Message) -> None:
-                nonlocal started
-                started = started or message["type"] == "http.response.start"
-                await send(message)
-
-            try:
-                await self.app(scope, self._counted(receive), watched_send)
-            except PayloadTooLarge as exc:  # a body sent without Content-Length, read by us
-                if started:
-                    raise
-                await _answer(send, exc.status_code, exc.message, [])
+        if refusal is not None:
+            await _answer(send, *refusal)
             return
-        await _answer(send, *refusal)
-
-    def _counted(self, receive: Receive) -> Receive:
-        """`receive`, failing with a 413 once the body passes the limit (for bodies sent
-        without a Content-Length, which `_refusal` cannot check up front)."""
+        started = False
+        too_large: PayloadTooLarge | None = None  # the body passed the limit as it came
         size = 0
 
         async def counted() -> Message:
-            nonlocal size
+            """`receive`, failing with a 413 once the body passes the limit (for bodies sent
+            without a Content-Length, which `_refusal` cannot check up front)."""
+            nonlocal size, too_large
             message = await receive()
             size += len(message.get("body", b""))
             if size > self.max_body_bytes:
-                raise PayloadTooLarge(self._too_large(size))
+                too_large = PayloadTooLarge(self._too_large(size))
+                raise too_large
             return message
 
-        return counted
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if too_large is not None and not started:
+                # FastAPI turns any failure to read a body it parses into its own 400: the
+                # client must hear that the body was too large instead.
+                started = True
+                await _answer(send, too_large.status_code, too_large.message, [])
+                return
+            if too_large is not None:
+                return  # the rest of the app's own answer, already replaced
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched_send)
+        except PayloadTooLarge as exc:  # raised through: nobody has answered yet
+            if started:
+                raise
+            await _answer(send, exc.status_code, exc.message, [])
 
     def _too_large(self, size: int) -> str:
         return (

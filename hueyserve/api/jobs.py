@@ -4,6 +4,7 @@ read, cancel and purge jobs."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from typing import Any
 
@@ -22,6 +23,10 @@ from hueyserve.errors import Conflict, InvalidInput, JobNotFound, PredictionFail
 from hueyserve.jobs import ENDED, RELOAD_PRIORITY, JobKind, JobStatus, new_record
 from hueyserve.models import ModelVersion
 from hueyserve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MALFORMED = "the job's record or result in Redis is malformed (altered by hand?)"
 
 
 class JobService:
@@ -158,7 +163,11 @@ class JobService:
         record, value = await self.queue.job(job_id)
         if not record and value is EmptyData:
             raise JobNotFound(job_id)
-        return job_public(job_id, record, value, self.catalog)
+        try:
+            return job_public(job_id, record, value, self.catalog)
+        except (TypeError, ValueError, KeyError, AttributeError):  # altered in Redis
+            logger.warning("job %s: its record or result in Redis is malformed", job_id)
+            return job_public(job_id, {}, Error({"error": MALFORMED}), self.catalog)
 
 
 def job_public(job_id: str, record: dict[str, str], value: Any, catalog: ModelCatalog) -> JobPublic:

@@ -69,7 +69,7 @@ def fail_fast_retry() -> Retry:
 
 UNREADABLE = (
     "the stored result cannot be read: it fails its signature check (HUEYSERVE_SECRET differs "
-    "between API and workers?) or is corrupt"
+    "between API and workers?), was written for another job, or is corrupt"
 )
 
 
@@ -190,7 +190,7 @@ class TaskQueue:
             if payload is None:
                 value = await self.result(job_id)  # a last look, in case the wake-up was missed
             else:
-                value = self._load(payload)
+                value = self._load(job_id, payload)
         except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
             raise ResultUnavailable(job_id, exc.message) from exc
         if value is EmptyData:
@@ -203,7 +203,7 @@ class TaskQueue:
         """The stored result (a value, or huey's `Error`), or EmptyData when there is none."""
         async with redis_errors():
             raw = await self.client.get(self.storage.result_key(task_id))
-        return EmptyData if raw is None else self._load(raw)
+        return EmptyData if raw is None else self._load(task_id, raw)
 
     async def job(self, task_id: str) -> tuple[dict[str, str], Any]:
         """The job record (empty when unknown) and the result (EmptyData when none yet)."""
@@ -212,15 +212,18 @@ class TaskQueue:
             pipe.get(self.storage.result_key(task_id))
             record, raw = await pipe.execute()
         fields = {k.decode(): v.decode() for k, v in record.items()}
-        return fields, EmptyData if raw is None else self._load(raw)
+        return fields, EmptyData if raw is None else self._load(task_id, raw)
 
-    def _load(self, raw: bytes | str) -> Any:
-        """A stored result (a value, or huey's `Error`); one that does not deserialize (it
-        fails the signature check, or is corrupt) reads as an Error saying so."""
+    def _load(self, job_id: str, raw: bytes | str) -> Any:
+        """A stored result (a value, or huey's `Error`), JSON and never pickle; one that does
+        not read (it fails the signature check, belongs to another job, or is corrupt) reads
+        as an Error saying so."""
         try:
-            return self.huey.serializer.deserialize(raw)
+            return self.huey.serializer.load_result(job_id, raw)
         except Exception:
-            logger.warning("a stored result cannot be read (%d bytes)", len(raw))
+            logger.warning(
+                "the stored result of job %s cannot be read (%d bytes)", job_id, len(raw)
+            )
             return Error({"error": UNREADABLE})
 
     async def queued_entries(self) -> list[bytes]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import quote
 
 import redis
 
@@ -52,23 +53,41 @@ class EmbeddedRedis:
 
     With `data_dir`, data persists there with an append-only file (fsync every second), so
     queued jobs survive a restart; without it, nothing touches the disk. With `maxmemory`, a
-    full server refuses writes (`noeviction`) rather than drop queued jobs.
+    full server refuses writes (`noeviction`) rather than drop queued jobs. With `password`,
+    every client must authenticate (it reaches the server through stdin, never the command
+    line that `ps` shows to every user).
     """
 
     def __init__(
-        self, *, port: int | None = None, data_dir: Path | None = None, maxmemory: str = "0"
+        self,
+        *,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        maxmemory: str = "0",
+        password: str | None = None,
     ) -> None:
+        if password is not None and not password.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("the embedded Redis password may hold letters, digits, - and _ only")
         self.port = port or free_port()
         self.data_dir = data_dir
         self.maxmemory = maxmemory  #: "0": no limit
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The URL clients connect with, password included."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        """The URL without the password, for logs."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        # "-": the configuration file is stdin (it holds the password, if any).
+        args = [find_redis_server(), "-", "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--protected-mode", "yes", "--daemonize", "no", "--save", ""]
         # Full means refusing writes (the API answers 503/429), never evicting a queued job.
         args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
@@ -92,9 +111,16 @@ class EmbeddedRedis:
         # A session of its own: Ctrl-C at a terminal reaches `make run` (which stops the API
         # and the consumer first), not Redis, which stops last.
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, start_new_session=True
+            self.command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        assert self.process.stdin is not None
+        config = f'requirepass "{self.password}"\n' if self.password else ""
+        self.process.stdin.write(config.encode())
+        self.process.stdin.close()
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         try:
             while True:

@@ -1,7 +1,8 @@
 """`make run`: the whole stack in one terminal, stopped cleanly by Ctrl-C.
 
-Starts Redis (an embedded redis-server with its data and AOF under data/, unless REDIS_URL
-names a server), one `huey_consumer core.huey` and uvicorn, says when the service is ready, and
+Starts Redis (an embedded redis-server with its data, AOF and password under data/, unless
+REDIS_URL names a server), one `huey_consumer core.huey` and uvicorn, sharing a secret
+(HUEYSERVE_SECRET, else one kept in data/secret); says when the service is ready, and
 supervises them: one that exits on its own (killed, out of memory) is started again after
 1, 2, 4 ... up to 30 s, counted in `hueyserve_process_restarts_total`, and reported as a crash
 loop after 5 exits in a minute, while the other goes on serving. On Ctrl-C or SIGTERM it
@@ -22,10 +23,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from hueyserve.dev.redis_server import EmbeddedRedis
-from hueyserve.settings import settings
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-METRICS_DIR = Path("data/metrics")
+from hueyserve.dev.credentials import REDIS_PASSWORD_FILE, SECRET_FILE, load_or_create
+from hueyserve.dev.redis_server import EmbeddedRedis
+
+DATA_DIR = Path("data")
+METRICS_DIR = DATA_DIR / "metrics"
 
 logger = logging.getLogger("hueyserve.dev.stack")
 STOP_TIMEOUT_S = 30.0
@@ -72,6 +76,15 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
+    # Safe by default: what the API and the consumer read from Redis is signed with a secret,
+    # and the embedded Redis wants a password; both are created once under data/. The secret
+    # goes into our own environment before settings are read: they refuse a remote Redis
+    # without one.
+    if not secret_given():
+        os.environ["HUEYSERVE_SECRET"] = load_or_create(DATA_DIR / SECRET_FILE)
+        logger.info("HUEYSERVE_SECRET from %s", DATA_DIR / SECRET_FILE)
+    from hueyserve.settings import settings
+
     env = dict(os.environ)
     # Workers' and API's Prometheus metrics, added up at /metrics (prometheus_client's
     # multiprocess mode); a fresh folder each start, as that mode requires.
@@ -83,12 +96,16 @@ def main() -> int:
     if not os.environ.get("REDIS_URL"):
         embedded = EmbeddedRedis(
             port=settings.embedded_redis_port,
-            data_dir=Path("data"),
+            data_dir=DATA_DIR,
             maxmemory=settings.embedded_redis_maxmemory,
+            password=load_or_create(DATA_DIR / REDIS_PASSWORD_FILE),
         )
         embedded.start()
         env["REDIS_URL"] = embedded.url
-        logger.info("embedded redis-server on %s (data in data/)", embedded.url)
+        logger.info(
+            "embedded redis-server on %s (data in %s/, password in %s)",
+            embedded.address, DATA_DIR, DATA_DIR / REDIS_PASSWORD_FILE,
+        )  # fmt: skip
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"]
     from prometheus_client import multiprocess  # after the line above: multiprocess mode
 
@@ -165,6 +182,16 @@ class Child:
             self.process, self.restart_at = start(self.command, self.env), None
             return True
         return False
+
+
+def secret_given() -> bool:
+    """Whether the operator set HUEYSERVE_SECRET (in the environment or `.env`)."""
+
+    class Given(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="HUEYSERVE_", env_file=".env", extra="ignore")
+        secret: str = ""
+
+    return bool(Given().secret)
 
 
 def _ready(url: str) -> bool:

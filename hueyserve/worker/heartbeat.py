@@ -12,6 +12,7 @@ from collections.abc import Callable
 import redis
 
 from hueyserve.wire import HEARTBEATS_KEY, heartbeat_member
+from hueyserve.worker.outage import UNREACHABLE, RedisOutage
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,10 @@ class Heartbeat:
         ttl_s: float,
         proof: str,
         on_beat: Callable[[], object] | None = None,
+        outage: RedisOutage | None = None,
     ) -> None:
         self.conn = conn
+        self.outage = outage or RedisOutage()
         self.proof = proof  #: wire.secret_proof of this worker's secret
         self.on_beat = on_beat
         self.interval_s = interval_s
@@ -79,8 +82,11 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 beat(self.conn, ttl_s=self.ttl_s, proof=self.proof)
+                self.outage.reached()
                 if self.on_beat is not None:
                     self.on_beat()
+            except UNREACHABLE as exc:
+                self.outage.failed(exc, "heartbeat")
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)
             except Exception:

@@ -33,8 +33,11 @@ from hueyserve.wire import (
     queue_entry,
     queue_score,
 )
+from hueyserve.worker.outage import UNREACHABLE, RedisOutage
 
 logger = logging.getLogger(__name__)
+
+OUTAGE_PAUSE_S = 1.0  #: how long a worker thread waits before trying an unreachable Redis again
 
 
 class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
@@ -55,6 +58,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         self._requeueing: set[int] = set()  # threads whose task's retry is being queued
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
+        self.outage = RedisOutage()  #: shared by every thread of this consumer
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey's enqueue (scheduled tasks, retries, periodic tasks), ringing the doorbell."""
@@ -76,24 +80,45 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
     def dequeue(self) -> bytes | None:
         """Give back this thread's last lease and take the most urgent task with a lease of
         its own, in one atomic script; when there is none, wait for the doorbell and try once
-        more."""
+        more. While Redis is unreachable: nothing, after a pause, logged once per outage
+        (Huey would log a traceback per thread and attempt)."""
         previous = self._give_back()
         try:
             entry = self._take_one(previous)
-        except BaseException:  # Redis unreachable: still ours to give back later
+            if entry is None:
+                self.conn.blpop([self.doorbell_key], timeout=self.read_timeout)
+                entry = self._take_one()
+        except UNREACHABLE as exc:
+            if previous is not None:  # still ours to give back later
+                self._keep(previous)
+            self.outage.failed(exc, "taking a task")
+            time.sleep(OUTAGE_PAUSE_S)
+            return None
+        except BaseException:
             if previous is not None:
-                with self._lock:
-                    self._held[threading.get_ident()] = previous
-                    self._finished.add(threading.get_ident())
+                self._keep(previous)
             raise
+        self.outage.reached()
         if entry is None:
-            self.conn.blpop([self.doorbell_key], timeout=self.read_timeout)
-            entry = self._take_one()
-        if entry is None:
-            return None  # nothing yet; a ConnectionError propagates for Huey's backoff
+            return None
         with self._lock:
             self._held[threading.get_ident()] = entry
         return message_of(entry)
+
+    def _keep(self, entry: bytes) -> None:
+        """This thread's last lease could not be given back: try again at its next dequeue."""
+        with self._lock:
+            self._held[threading.get_ident()] = entry
+            self._finished.add(threading.get_ident())
+
+    def read_schedule(self, ts: object) -> list[bytes]:
+        """Huey's scheduler reads each second; while Redis is unreachable, nothing is due."""
+        try:
+            due: list[bytes] = super().read_schedule(ts)
+        except UNREACHABLE as exc:
+            self.outage.failed(exc, "reading the schedule")
+            return []
+        return due
 
     def _take_one(self, give_back: bytes | None = None) -> bytes | None:
         keys = [self.queue_key, self.leases_key]
@@ -188,6 +213,8 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         while not self._stop_renewing.wait(interval_s):
             try:
                 self.renew()
+            except UNREACHABLE as exc:
+                self.outage.failed(exc, "renewing leases")
             except redis.RedisError as exc:
                 logger.warning("renewing leases failed: %s", exc)
 

@@ -136,12 +136,11 @@ class JobLifecycle:
                 if isinstance(answer, Exception):
                     failed += 1
                     self.records.failed(job_id, reason(answer), pipe=pipe, ttl_s=ttl)
-                    error = Error(self.huey.build_error_result(task, answer))
-                    payload = self.huey.serializer.serialize(error)
+                    value: Any = Error(self.huey.build_error_result(task, answer))
                 else:
                     self.records.done(job_id, pipe=pipe, ttl_s=ttl)
-                    payload = self.huey.serializer.serialize(answer)
-                self._store_result(pipe, job_id, payload, reply_to(task), ttl)
+                    value = answer
+                self._store_result(pipe, job_id, value, reply_to(task), ttl)
             pipe.execute()
         metrics.JOBS.labels(task.name, "done").inc(len(members) - failed)
         if failed:
@@ -156,11 +155,11 @@ class JobLifecycle:
         if exc is None and value is None:
             return  # the task stored and announced its result itself (predict)
         if exc is None:
-            payload = self.huey.serializer.serialize(value)
+            payload = self.huey.serializer.dump_result(task.id, value)
             self.conn.publish(channel, result_message(task.id, payload))
             return
         # Huey stored the Error under the task's id; a group's other jobs need it under theirs.
-        error = self.huey.serializer.serialize(Error(self.huey.build_error_result(task, exc)))
+        error = Error(self.huey.build_error_result(task, exc))
         with self.conn.pipeline(transaction=False) as pipe:
             for job_id in job_ids(task):
                 self._store_result(pipe, job_id, error, channel, self._ttl(task))
@@ -257,7 +256,7 @@ class JobLifecycle:
 
     def _fail_jobs(self, task: Task, why: str) -> None:
         """Fail every job of a task that will not run again: record, stored Error, wake-up."""
-        error = self.huey.serializer.serialize(Error({"error": why, "task_id": task.id}))
+        error = Error({"error": why, "task_id": task.id})
         with self.conn.pipeline(transaction=False) as pipe:
             for job_id in job_ids(task):
                 self.records.failed(job_id, why, pipe=pipe, ttl_s=self._ttl(task))
@@ -276,12 +275,14 @@ class JobLifecycle:
         self,
         pipe: redis.client.Pipeline,
         job_id: str,
-        payload: bytes,
+        value: Any,
         channel: str | None,
         ttl_s: int,
     ) -> None:
-        """A job's result (a value or an Error) in Huey's format and key, and the wake-up of
-        the API process waiting for it, which gets the payload itself and so needs no read."""
+        """A job's result (a value or an Error, bound to the job) in Huey's key, and the
+        wake-up of the API process waiting for it, which gets the payload itself and so needs
+        no read."""
+        payload = self.huey.serializer.dump_result(job_id, value)
         pipe.set(self.storage.result_key(job_id), payload, ex=ttl_s)
         if channel is not None:
             pipe.publish(channel, result_message(job_id, payload))

@@ -60,6 +60,7 @@ class WorkerProcess:
             ttl_s=settings.heartbeat_ttl_s,
             proof=secret_proof(settings.secret.get_secret_value() if settings.secret else None),
             on_beat=self.after_heartbeat,
+            outage=huey.storage.outage,
         )
         self._published = threading.Event()  # this process has bootstrapped and published
         self._running_threads = 0  # the heartbeat outlives every worker thread but the last
