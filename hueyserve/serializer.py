@@ -94,12 +94,22 @@ def _derive_key(secret: str) -> bytes:
 
 def encode(value: Any) -> Any:
     """`value` as plain JSON data, with the types JSON lacks tagged."""
+    kind = type(value)  # exact types first: the common case, and cheaper than isinstance
+    if kind is str or kind is float or kind is bool or value is None:
+        return value
+    if kind is int:
+        return value if value in INT64 else {TAG: "int", "v": str(value)}
+    if kind is list:
+        return [encode(item) for item in value]
     if isinstance(value, np.generic):  # before float: orjson refuses float subclasses
         return encode(value.item())
-    if value is None or isinstance(value, (bool, str, float)):
-        return value
-    if isinstance(value, int):
-        return value if value in INT64 else {TAG: "int", "v": str(value)}
+    # Subclasses (an enum member) travel as their plain value.
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return encode(int(value))
+    if isinstance(value, float):
+        return float(value)
     if isinstance(value, list):
         return [encode(item) for item in value]
     if isinstance(value, dict):
@@ -128,9 +138,10 @@ def encode(value: Any) -> Any:
 
 def decode(value: Any) -> Any:
     """The inverse of `encode`; an unknown tag or a malformed value raises."""
-    if isinstance(value, list):
+    kind = type(value)
+    if kind is list:
         return [decode(item) for item in value]
-    if not isinstance(value, dict):
+    if kind is not dict:
         return value
     if TAG not in value:
         return {key: decode(item) for key, item in value.items()}

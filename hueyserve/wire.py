@@ -130,8 +130,8 @@ def predict_options(reply_to: str | None, members: Members | None = None) -> dic
     """The predict task's keyword arguments: the channel of the API process that waits for
     it, and, for a group of sync requests, which rows belong to which job."""
     options: dict[str, Any] = {} if reply_to is None else {"reply_to": reply_to}
-    if members:
-        options["members"] = members
+    if members:  # pairs as lists: cheaper to send than tuples (hueyserve.serializer)
+        options["members"] = [[job_id, rows] for job_id, rows in members]
     return options
 
 
