@@ -26,6 +26,7 @@ import core
 from hueyserve import metrics
 from hueyserve.api import paths, v2
 from hueyserve.api.app import create_app
+from hueyserve.api.guard import is_admin
 from hueyserve.api.inference import Prediction
 from hueyserve.api.inputs import check_features
 from hueyserve.api.schemas import (
@@ -424,11 +425,13 @@ async def live() -> dict[str, bool]:
 
 
 @app.get(paths.READY, summary="Readiness: Redis, a worker and a model are there")
-async def ready(api: Api) -> JSONResponse:
+async def ready(api: Api, request: Request) -> JSONResponse:
+    """Open to probes; why it is not ready is told to an admin key only (with keys on)."""
     reasons = await api.health.readiness()
-    if reasons:
-        return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
-    return JSONResponse({"ready": True})
+    if not reasons:
+        return JSONResponse({"ready": True})
+    body = {"ready": False, "reasons": reasons} if is_admin(request.state) else {"ready": False}
+    return JSONResponse(body, status_code=503)
 
 
 @app.get(paths.METRICS, summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -440,7 +443,12 @@ async def prometheus(api: Api) -> Response:
 
 
 @app.get(paths.HEALTH, summary="Details: Redis latency, queue depth, workers, models, cache")
-async def health(api: Api) -> JSONResponse:
+async def health(api: Api, request: Request) -> JSONResponse:
+    """Open, but only readiness without an admin key (with keys on): workers' hosts, model
+    names and Redis errors are for operators."""
     reasons = await api.health.readiness()
+    status = 200 if not reasons else 503
+    if not is_admin(request.state):
+        return JSONResponse({"ready": not reasons}, status_code=status)
     details = {"ready": not reasons, "reasons": reasons, **await api.health.details()}
-    return JSONResponse(details, status_code=200 if not reasons else 503)
+    return JSONResponse(details, status_code=status)

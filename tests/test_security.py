@@ -291,3 +291,27 @@ def test_a_result_copied_onto_another_job_is_refused(
     redis_conn.set(core.huey.storage.result_key(first), unsigned)
     forged = client.get(f"/v1/jobs/{first}").json()
     assert forged["status"] == "failed" and "signature" in forged["error"]
+
+
+# --- issue 11.18: with keys on, the open probes say no more than ready or not -----------------
+
+
+def test_with_keys_only_an_admin_key_sees_health_details_and_reasons(
+    keyed: TestClient, redis_conn: redis.Redis
+) -> None:
+    wait_for(lambda: keyed.get("/v2/health/ready").status_code == 200, "readiness")
+    assert keyed.get("/health").json() == {"ready": True}
+    predict_key = keyed.get("/health", headers={"Authorization": "Bearer p-key"}).json()
+    assert predict_key == {"ready": True}
+    details = keyed.get("/health", headers={"Authorization": "Bearer a-key"}).json()
+    assert details["ready"] is True and details["redis"]["workers"] and details["models"]
+    redis_conn.config_set("maxmemory-policy", "allkeys-lru")  # not ready, with a reason
+    try:
+        refused = wait_for(
+            lambda: (r := keyed.get("/v2/health/ready")).status_code == 503 and r, "not ready"
+        )
+        assert refused.json() == {"ready": False}
+        told = keyed.get("/v2/health/ready", headers={"X-API-Key": "a-key"}).json()
+        assert "maxmemory-policy" in " ".join(told["reasons"])
+    finally:
+        redis_conn.config_set("maxmemory-policy", "noeviction")

@@ -4,7 +4,8 @@ anything else reads the request (an ASGI middleware, outside the cache's hot pat
 Keys are optional. With none configured, every route is open. With `HUEYSERVE_API_KEYS` or
 `HUEYSERVE_ADMIN_KEYS` set, a request names its key in `Authorization: Bearer <key>` or
 `X-API-Key: <key>`, and the route table (hueyserve.api.paths) says what it needs:
-- health, metrics, the server metadata and the docs stay open (probes and scrapers hold no key);
+- the probes, metrics, the server metadata and the docs stay open (probes and scrapers hold no
+  key), but readiness tells its reasons, and `/health` its details, to an admin key only;
 - training, reloads and purging the queue need an admin key;
 - everything else (models, predict, infer, jobs) needs a predict key or an admin key.
 """
@@ -18,6 +19,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hueyserve.api.paths import Access, access
 from hueyserve.errors import PayloadTooLarge
+
+CALLER = "caller"  #: request.state.caller: the Access the request's key gives, or None
+
+
+def is_admin(state: object) -> bool:
+    """Whether a request (its `request.state`) may see operational details: an admin key, or
+    no keys configured. Without a guard in front (no state), as without keys."""
+    return getattr(state, CALLER, Access.ADMIN) is Access.ADMIN
 
 
 class RequestGuard:
@@ -39,7 +48,10 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        refusal = self._refusal(scope["path"], headers)
+        caller = self._caller(headers)
+        # For routes that show more to an admin (an outer guard's word stands).
+        scope.setdefault("state", {}).setdefault(CALLER, caller)
+        refusal = self._refusal(scope["path"], headers, caller)
         if refusal is not None:
             await _answer(send, *refusal)
             return
@@ -78,6 +90,17 @@ class RequestGuard:
                 raise
             await _answer(send, exc.status_code, exc.message, [])
 
+    def _caller(self, headers: dict[bytes, bytes]) -> Access | None:
+        """The access the request's key gives (all of it when no keys are configured)."""
+        if not self.predict_keys:
+            return Access.ADMIN
+        key = _key(headers)
+        if key is None:
+            return None
+        if _known(key, self.admin_keys):
+            return Access.ADMIN
+        return Access.PREDICT if _known(key, self.predict_keys) else None
+
     def _too_large(self, size: int) -> str:
         return (
             f"the body has {size} bytes or more; the limit is {self.max_body_bytes} "
@@ -85,7 +108,7 @@ class RequestGuard:
         )
 
     def _refusal(
-        self, path: str, headers: dict[bytes, bytes]
+        self, path: str, headers: dict[bytes, bytes], caller: Access | None
     ) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
         """(status, message, headers) to answer instead of the app, or None to go on."""
         length = headers.get(b"content-length", b"0")
@@ -99,15 +122,12 @@ class RequestGuard:
                 [],
             )
         needed = access(path)
-        if not self.predict_keys or needed is Access.OPEN:
+        if not self.predict_keys or needed is Access.OPEN or caller is Access.ADMIN:
             return None
-        key = _key(headers)
         challenge = [(b"www-authenticate", b'Bearer realm="hueyserve"')]
-        if key is None:
-            return 401, "an API key is required: send 'Authorization: Bearer <key>'", challenge
-        if _known(key, self.admin_keys):
-            return None
-        if not _known(key, self.predict_keys):
+        if caller is None:
+            if _key(headers) is None:
+                return 401, "an API key is required: send 'Authorization: Bearer <key>'", challenge
             return 401, "unknown API key", challenge
         if needed is Access.ADMIN:
             return 403, "this key may predict but not train or reload: use an admin key", []
