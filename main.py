@@ -26,7 +26,7 @@ import core
 from hueyserve import metrics
 from hueyserve.api import paths, v2
 from hueyserve.api.app import create_app
-from hueyserve.api.guard import is_admin
+from hueyserve.api.guard import is_admin, scoped
 from hueyserve.api.inference import Prediction
 from hueyserve.api.inputs import check_features
 from hueyserve.api.schemas import (
@@ -63,14 +63,24 @@ async def get_services(request: Request) -> Services:  # async: no threadpool ho
 Api = Annotated[Services, Depends(get_services)]
 Prefer = Annotated[str | None, Header()]
 JobId = Annotated[str, Path(max_length=200, description="The id a submission answered.")]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        max_length=200,
-        description="Submitting again with the same key returns the first submission's job "
-        "instead of a second job (keys live as long as job records).",
-    ),
-]
+
+
+def idempotency(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=200,
+            description="Submitting again with the same key returns the first submission's "
+            "job (or, for a blocking call, its answer) instead of a second job; keys live as "
+            "long as job records, and each API key has its own.",
+        ),
+    ] = None,
+) -> str | None:
+    return scoped(request.state, idempotency_key)
+
+
+IdempotencyKey = Annotated[str | None, Depends(idempotency)]
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -141,8 +151,8 @@ async def predict(
     name: str,
     request: Request,
     api: Api,
+    idempotency_key: IdempotencyKey,
     prefer: Prefer = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     model = api.catalog.get(name)
     return await predict_v1(model, request, api, prefer, idempotency_key)
@@ -158,8 +168,8 @@ async def predict_version(
     version: str,
     request: Request,
     api: Api,
+    idempotency_key: IdempotencyKey,
     prefer: Prefer = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     model = api.catalog.get(name, version)
     return await predict_v1(model, request, api, prefer, idempotency_key)
@@ -183,9 +193,15 @@ async def predict_v1(
             idempotency_key=idempotency_key,
         )  # fmt: skip
         return accepted_response(accepted)
-    answer = await api.inference.infer(
-        model, features, priority=body.priority, timeout_s=body.timeout
-    )
+    if idempotency_key is None:
+        answer = await api.inference.infer(
+            model, features, priority=body.priority, timeout_s=body.timeout
+        )
+    else:
+        answer = await api.inference.infer_once(
+            model, features, priority=body.priority, timeout_s=body.timeout,
+            client_key=idempotency_key,
+        )  # fmt: skip
     # Rendered with orjson straight away: the response model documents the body, and
     # validating our own output once more per request would only cost time.
     content = orjson.dumps(
@@ -268,8 +284,8 @@ async def infer(
     name: str,
     request: Request,
     api: Api,
+    idempotency_key: IdempotencyKey,
     prefer: Prefer = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     return await infer_v2(api, name, None, request, prefer, idempotency_key)
 
@@ -285,8 +301,8 @@ async def infer_version(
     version: str,
     request: Request,
     api: Api,
+    idempotency_key: IdempotencyKey,
     prefer: Prefer = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     return await infer_v2(api, name, version, request, prefer, idempotency_key)
 
@@ -315,9 +331,15 @@ async def infer_v2(
             idempotency_key=idempotency_key,
         )  # fmt: skip
         return accepted_response(accepted)
-    answer = await api.inference.infer(
-        model, features, priority=plan.priority, timeout_s=plan.timeout_s
-    )
+    if idempotency_key is None:
+        answer = await api.inference.infer(
+            model, features, priority=plan.priority, timeout_s=plan.timeout_s
+        )
+    else:
+        answer = await api.inference.infer_once(
+            model, features, priority=plan.priority, timeout_s=plan.timeout_s,
+            client_key=idempotency_key, protocol="v2",
+        )  # fmt: skip
     answer_v2 = v2.v2_response(
         model, answer.outputs, request_id=infer_request.id, selected=selected
     )
@@ -333,9 +355,7 @@ async def infer_v2(
 
 
 @app.post(paths.JOBS, status_code=202, response_model=JobAccepted, summary="Submit an async job")
-async def submit_job(
-    body: JobSubmit, api: Api, idempotency_key: IdempotencyKey = None
-) -> JSONResponse:
+async def submit_job(body: JobSubmit, api: Api, idempotency_key: IdempotencyKey) -> JSONResponse:
     model = api.catalog.get(body.model, body.version)
     features = decode_instances(model, body.instances, max_rows=settings.max_instances)
     accepted = await api.jobs.submit(
@@ -380,8 +400,8 @@ async def purge_queue(api: Api) -> dict[str, int]:
 async def train(
     name: str,
     api: Api,
+    idempotency_key: IdempotencyKey,
     body: TrainRequest | None = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     return accepted_response(await api.jobs.train(name, body or TrainRequest(), idempotency_key))
 

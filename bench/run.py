@@ -32,7 +32,7 @@ import httpx2 as httpx
 import numpy as np
 
 from hueyserve.dev.redis_server import EmbeddedRedis, free_port
-from hueyserve.dev.stack import stop
+from hueyserve.dev.stack import PROTOCOL, stop
 from hueyserve.worker.fitting import ensure_demo_models
 from hueyserve.worker.store import ModelStore
 
@@ -112,7 +112,7 @@ def hueyserve(env: dict[str, str], batching: bool) -> Iterator[str]:
     consumer = spawn([str(BIN / "huey_consumer"), "core.huey", "-k", "thread", "-w", "16"], env)
     api = spawn(
         [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--no-access-log",
-         "--log-level", "warning"],
+         "--log-level", "warning", "--http", PROTOCOL],
         env,
     )  # fmt: skip
     try:

@@ -6,6 +6,7 @@ ServiceError (500)
 │   ├── ModelNotFound
 │   ├── VersionNotFound
 │   └── JobNotFound
+├── RequestTimeout (408)          a body that did not arrive in time
 ├── Conflict (409)                a version that cannot be made active
 ├── PayloadTooLarge (413)         too many instances
 ├── UnsupportedMediaType (415)    a body that is not JSON
@@ -66,6 +67,13 @@ class JobNotFound(NotFound):
 
 class Conflict(ServiceError):
     status_code = 409
+
+
+class RequestTimeout(ServiceError):
+    status_code = 408
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # the rest of the body may still come: drop it
 
 
 class PayloadTooLarge(ServiceError):

@@ -125,6 +125,16 @@ class Settings(BaseSettings):
         10_000, ge=1, description="API process: most sync calls waiting at once (503 past)."
     )
     max_instances: int = Field(1000, ge=1, description="Most rows per request (413 past).")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="API: a request's headers must arrive within this long (408 past; with "
+        "uvicorn's `--http hueyserve.api.protocol:TimedHttpProtocol`, as `make run` runs it).",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="API: a request's body must arrive within this long (408)."
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 past)."
     )

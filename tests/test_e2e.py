@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ import core
 from hueyserve import training
 from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.dev.redis_server import free_port
-from hueyserve.dev.stack import stop
+from hueyserve.dev.stack import PROTOCOL, stop
 from hueyserve.worker import fitting
 from hueyserve.worker.store import ModelStore
 from tests.helpers import wait_for
@@ -38,6 +39,10 @@ BIN = Path(sys.executable).parent
 
 def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+
+
+HEADER_TIMEOUT_S = 3.0  # short, so that the slow-client test need not wait long
+BODY_TIMEOUT_S = 3.0
 
 
 class Stack(NamedTuple):
@@ -57,13 +62,15 @@ def stack(redis_conn: redis.Redis, demo_models: Path, tmp_path: Path) -> Iterato
         "HUEYSERVE_MODEL_DIR": str(tmp_path / "models"),
         "HUEYSERVE_LOG_DIR": str(tmp_path / "logs"),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),  # as `make run` sets it
+        "HUEYSERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "HUEYSERVE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
     }
     (tmp_path / "metrics").mkdir()
     port = free_port()
     consumer = spawn([str(BIN / "huey_consumer"), "core.huey", "-k", "thread", "-w", "4"], env)
     api = spawn(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-config", "config/logger.config"],
+         "--log-config", "config/logger.config", "--http", PROTOCOL],
         env,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -295,3 +302,38 @@ def test_a_thousand_sync_requests_wait_at_once(stack: Stack) -> None:
     statuses = asyncio.run(run())
     assert statuses.count(200) == 1000, {s: statuses.count(s) for s in set(statuses)}
     assert peak == 1000, peak  # they really were waiting at the same time
+
+
+def test_slow_clients_are_cut_off_and_others_served(stack: Stack) -> None:
+    """Issue 11.16: 200 connections trickling their headers stayed open, and a body shorter
+    than its Content-Length hung forever. Both now get a 408 and lose their connection."""
+    port = int(stack.base.rsplit(":", 1)[1])
+    trickling = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+    short_body = socket.create_connection(("127.0.0.1", port))
+    try:
+        for sock in trickling:
+            sock.sendall(b"POST /v1/models/diabetes:predict HTTP/1.1\r\nHost: x\r\n")
+        short_body.sendall(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"model": "diabetes"'
+        )
+        started = time.monotonic()
+        with httpx.Client(base_url=stack.base, timeout=20) as http:  # others are served
+            answer = http.post("/v1/models/diabetes:predict", json={"instances": EXAMPLE_ROWS})
+            assert answer.status_code == 200
+        for sock in [*trickling, short_body]:
+            sock.settimeout(HEADER_TIMEOUT_S + BODY_TIMEOUT_S + 10)
+            reply = _read_until_closed(sock)
+            assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+        assert b"HUEYSERVE_BODY_TIMEOUT_S" in reply  # the short body's: says what to change
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + BODY_TIMEOUT_S + 10
+    finally:
+        for sock in [*trickling, short_body]:
+            sock.close()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received

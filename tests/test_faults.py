@@ -28,7 +28,7 @@ import redis
 import core
 from hueyserve import wire
 from hueyserve.dev.redis_server import EmbeddedRedis, free_port
-from hueyserve.dev.stack import stop
+from hueyserve.dev.stack import PROTOCOL, stop
 from tests.helpers import BIN, PREDICT, alive, children, spawn, wait_for
 
 
@@ -52,7 +52,7 @@ class FaultStack:
         self.api_console = tmp_path / "api.log"
         self.api = spawn(
             [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port",
-             str(port), "--log-level", "warning"],
+             str(port), "--log-level", "warning", "--http", PROTOCOL],
             self.env,
             self.api_console,
         )  # fmt: skip

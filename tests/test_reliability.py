@@ -434,3 +434,32 @@ def test_a_sync_request_s_job_lives_shorter_than_an_async_job(
     for key in (wire.job_key(async_id), result_key(async_id)):
         assert redis_conn.ttl(key) > settings.sync_result_ttl_s, key
     assert client.get(f"/v1/jobs/{sync_id}").json()["status"] == "done"
+
+
+# --- issue 11.14: a blocking call with an Idempotency-Key is found again by its retry --------
+
+
+def test_a_sync_retry_with_its_idempotency_key_gets_the_first_job_s_answer(
+    consumer: Any, serve_model: Any
+) -> None:
+    """The first call gives up (504; or its API process died) while the job runs; the retry
+    with the same key waits for that job instead of computing again."""
+    gate = GateModel()
+    with TestClient(main.app) as client:
+        serve_model("gate", gate, n_features=1, client=client)
+        call = {"instances": [[7.0]], "timeout": 0.5}
+        key = {"Idempotency-Key": "order-17"}
+        first = client.post("/v1/models/gate:predict", json=call, headers=key)
+        assert first.status_code == 504 and gate.started.is_set()
+        job_id = first.json()["job_id"]
+        gate.release.set()
+        retry = client.post("/v1/models/gate:predict", json={**call, "timeout": 10}, headers=key)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["predictions"] == [7.0]
+        assert retry.headers["X-Job-Id"] == job_id and retry.headers["X-Cache"] == "repeat"
+        again = client.post("/v1/models/gate:predict", json=call, headers=key)
+        assert again.headers["X-Job-Id"] == job_id and again.json()["predictions"] == [7.0]
+        other, fresh_key = {"instances": [[8.0]]}, {"Idempotency-Key": "order-18"}
+        fresh = client.post("/v1/models/gate:predict", json=other, headers=fresh_key)
+        assert fresh.status_code == 200 and fresh.headers["X-Job-Id"] != job_id
+    assert gate.calls == [7.0, 8.0]  # 7.0 computed once, however often it was asked

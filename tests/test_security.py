@@ -315,3 +315,21 @@ def test_with_keys_only_an_admin_key_sees_health_details_and_reasons(
         assert "maxmemory-policy" in " ".join(told["reasons"])
     finally:
         redis_conn.config_set("maxmemory-policy", "noeviction")
+
+
+# --- issue 11.15: two clients choosing the same idempotency key never share a job -----------
+
+
+def test_each_api_key_has_its_own_idempotency_keys(keyed: TestClient) -> None:
+    body = {"model": "diabetes", "instances": [[0.02] * 10]}
+
+    def submit(api_key: str) -> str:
+        headers = {"Authorization": f"Bearer {api_key}", "Idempotency-Key": "order-1"}
+        answer = keyed.post("/v1/jobs", json=body, headers=headers)
+        assert answer.status_code == 202, answer.text
+        job_id: str = answer.json()["job_id"]
+        return job_id
+
+    first = submit("p-key")
+    assert submit("p-key") == first  # the same client's retry finds its job
+    assert submit("a-key") != first  # another key's same idempotency key is its own

@@ -47,6 +47,7 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
                 predict_keys=settings.keys("api"),
                 admin_keys=settings.keys("admin"),
                 max_body_bytes=settings.max_body_bytes,
+                body_timeout_s=settings.body_timeout_s,
             ),
             Middleware(CachedAnswers),
         ],

@@ -12,21 +12,31 @@ Keys are optional. With none configured, every route is open. With `HUEYSERVE_AP
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hueyserve.api.paths import Access, access
-from hueyserve.errors import PayloadTooLarge
+from hueyserve.errors import PayloadTooLarge, RequestTimeout, ServiceError
 
 CALLER = "caller"  #: request.state.caller: the Access the request's key gives, or None
+KEY_ID = "key_id"  #: request.state.key_id: a hash naming the request's API key (keys on)
 
 
 def is_admin(state: object) -> bool:
     """Whether a request (its `request.state`) may see operational details: an admin key, or
     no keys configured. Without a guard in front (no state), as without keys."""
     return getattr(state, CALLER, Access.ADMIN) is Access.ADMIN
+
+
+def scoped(state: object, client_key: str | None) -> str | None:
+    """An Idempotency-Key as its API key's own (`request.state`), so that two clients that
+    choose the same idempotency key never get each other's job."""
+    owner = getattr(state, KEY_ID, None)
+    return client_key if client_key is None or owner is None else f"{owner}:{client_key}"
 
 
 class RequestGuard:
@@ -37,69 +47,91 @@ class RequestGuard:
         predict_keys: frozenset[str],
         admin_keys: frozenset[str],
         max_body_bytes: int,
+        body_timeout_s: float = 30.0,
     ) -> None:
         self.app = app
         self.predict_keys = predict_keys | admin_keys  # an admin may predict too
         self.admin_keys = admin_keys
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        caller = self._caller(headers)
-        # For routes that show more to an admin (an outer guard's word stands).
-        scope.setdefault("state", {}).setdefault(CALLER, caller)
+        key = _key(headers) if self.predict_keys else None
+        caller = self._caller(key)
+        # For routes that show more to an admin, and idempotency keys of one API key's own
+        # (an outer guard's word stands).
+        state = scope.setdefault("state", {})
+        state.setdefault(CALLER, caller)
+        if key is not None and caller is not None:
+            state.setdefault(KEY_ID, hashlib.sha256(key.encode("latin-1")).hexdigest()[:16])
         refusal = self._refusal(scope["path"], headers, caller)
         if refusal is not None:
             await _answer(send, *refusal)
             return
         started = False
-        too_large: PayloadTooLarge | None = None  # the body passed the limit as it came
-        size = 0
+        refused: ServiceError | None = None  # the body was too large or too slow
+        size, more_body = 0, True
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def counted() -> Message:
             """`receive`, failing with a 413 once the body passes the limit (for bodies sent
-            without a Content-Length, which `_refusal` cannot check up front)."""
-            nonlocal size, too_large
-            message = await receive()
+            without a Content-Length, which `_refusal` cannot check up front) and with a 408
+            when it has not all come by the deadline."""
+            nonlocal size, more_body, refused
+            if not more_body:  # the body is in: now only a disconnect can come, any time
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                refused = RequestTimeout(self._too_slow())
+                raise refused from None
+            more_body = message["type"] == "http.request" and message.get("more_body", False)
             size += len(message.get("body", b""))
             if size > self.max_body_bytes:
-                too_large = PayloadTooLarge(self._too_large(size))
-                raise too_large
+                refused = PayloadTooLarge(self._too_large(size))
+                raise refused
             return message
 
         async def watched_send(message: Message) -> None:
             nonlocal started
-            if too_large is not None and not started:
+            if refused is not None and not started:
                 # FastAPI turns any failure to read a body it parses into its own 400: the
-                # client must hear that the body was too large instead.
+                # client must hear why instead.
                 started = True
-                await _answer(send, too_large.status_code, too_large.message, [])
+                await _answer(send, *_refusal_of(refused))
                 return
-            if too_large is not None:
+            if refused is not None:
                 return  # the rest of the app's own answer, already replaced
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, watched_send)
-        except PayloadTooLarge as exc:  # raised through: nobody has answered yet
+        except (PayloadTooLarge, RequestTimeout) as exc:  # raised through: nobody answered yet
             if started:
                 raise
-            await _answer(send, exc.status_code, exc.message, [])
+            await _answer(send, *_refusal_of(exc))
 
-    def _caller(self, headers: dict[bytes, bytes]) -> Access | None:
+    def _caller(self, key: str | None) -> Access | None:
         """The access the request's key gives (all of it when no keys are configured)."""
         if not self.predict_keys:
             return Access.ADMIN
-        key = _key(headers)
         if key is None:
             return None
         if _known(key, self.admin_keys):
             return Access.ADMIN
         return Access.PREDICT if _known(key, self.predict_keys) else None
+
+    def _too_slow(self) -> str:
+        return (
+            f"the body did not arrive within {self.body_timeout_s:g} s "
+            "(HUEYSERVE_BODY_TIMEOUT_S): send it at once"
+        )
 
     def _too_large(self, size: int) -> str:
         return (
@@ -132,6 +164,11 @@ class RequestGuard:
         if needed is Access.ADMIN:
             return 403, "this key may predict but not train or reload: use an admin key", []
         return None
+
+
+def _refusal_of(exc: ServiceError) -> tuple[int, str, list[tuple[bytes, bytes]]]:
+    headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+    return exc.status_code, exc.message, headers
 
 
 async def _answer(

@@ -28,7 +28,8 @@ from hueyserve.settings import Settings
 @dataclass(frozen=True)
 class Prediction:
     """A sync answer and where it came from: `source` is hit (the API's cache), miss (a task
-    of its own) or coalesced (shared the task of an identical request in flight)."""
+    of its own), coalesced (shared the task of an identical request in flight) or repeat (the
+    job of an earlier call with the same Idempotency-Key)."""
 
     outputs: Outputs
     model: ModelVersion
@@ -94,6 +95,44 @@ class InferenceService:
                 ) from None
             raise PredictTimeout(job_id, wait_s) from None
         return Prediction(value, model, source, job_id)
+
+    async def infer_once(
+        self,
+        model: ModelVersion,
+        features: np.ndarray,
+        *,
+        priority: int | None,
+        timeout_s: float | None,
+        client_key: str,
+        protocol: str = "v1",
+    ) -> Prediction:
+        """A sync request with an Idempotency-Key: a job of its own (no cache, no coalescing,
+        no group), which a retry with the same key finds again (after a 504, or when the API
+        process that took the first call died) instead of computing again."""
+        wait_s = self.timeout(timeout_s)
+        job_id = str(uuid.uuid4())
+        priority = self.settings.sync_priority if priority is None else priority
+        reply = wire.predict_options(self.queue.reply_to(job_id))
+        task = self.predict_task.s(model.name, model.version, features, priority=priority, **reply)
+        task.id = job_id  # no expiry: a retry may come for the answer after this wait ends
+        record = new_record(
+            job_id=job_id, kind=JobKind.PREDICT, model=model.name, priority=priority,
+            version=model.version, instances=len(features), protocol=protocol,
+        )  # fmt: skip
+        try:
+            held = await self.queue.enqueue(
+                task, {job_id: record}, client_key, ttl_s=self.settings.sync_result_ttl_s
+            )
+        except BaseException as exc:
+            self.queue.results.forget(job_id)
+            if isinstance(exc, QueueFull):
+                raise exc.overloaded() from None
+            raise
+        if held != job_id:  # the first call with this key holds: its answer is ours
+            self.queue.results.forget(job_id)
+            return Prediction(await self.queue.wait_stored(held, wait_s), model, "repeat", held)
+        metrics.JOBS.labels(JobKind.PREDICT.value, "submitted").inc()
+        return Prediction(await self.queue.wait(job_id, wait_s), model, "miss", job_id)
 
     def timeout(self, requested_s: float | None) -> float:
         """How long a sync request waits: what it asked, within HUEYSERVE_PREDICT_TIMEOUT_S."""

@@ -73,6 +73,18 @@ UNREADABLE = (
 )
 
 
+POLL_S = 0.05  #: how often `wait_stored` looks for a result
+
+
+def _outcome(job_id: str, value: Any, timeout_s: float) -> Any:
+    """A stored result as the waiter's answer, or its error or timeout as a ServiceError."""
+    if value is EmptyData:
+        raise PredictTimeout(job_id, timeout_s)
+    if isinstance(value, Error):
+        raise PredictionFailed(job_id, str(value.metadata.get("error")))
+    return value
+
+
 class TaskQueue:
     """Enqueue Huey tasks with their job record, and wait for their results, without threads."""
 
@@ -193,11 +205,20 @@ class TaskQueue:
                 value = self._load(job_id, payload)
         except RedisUnavailable as exc:  # accepted already: say where to find it, not "retry"
             raise ResultUnavailable(job_id, exc.message) from exc
-        if value is EmptyData:
-            raise PredictTimeout(job_id, timeout_s)
-        if isinstance(value, Error):
-            raise PredictionFailed(job_id, str(value.metadata.get("error")))
-        return value
+        return _outcome(job_id, value, timeout_s)
+
+    async def wait_stored(self, job_id: str, timeout_s: float) -> Any:
+        """The result of a job another process enqueued (its wake-up goes there), looked for
+        every POLL_S; as `wait` otherwise."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while (value := await self.result(job_id)) is EmptyData:
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        except RedisUnavailable as exc:
+            raise ResultUnavailable(job_id, exc.message) from exc
+        return _outcome(job_id, value, timeout_s)
 
     async def result(self, task_id: str) -> Any:
         """The stored result (a value, or huey's `Error`), or EmptyData when there is none."""

@@ -30,6 +30,8 @@ from hueyserve.dev.redis_server import EmbeddedRedis
 
 DATA_DIR = Path("data")
 METRICS_DIR = DATA_DIR / "metrics"
+#: uvicorn's protocol with a bound on slow request headers (hueyserve.api.protocol)
+PROTOCOL = "hueyserve.api.protocol:TimedHttpProtocol"
 
 logger = logging.getLogger("hueyserve.dev.stack")
 STOP_TIMEOUT_S = 30.0
@@ -118,7 +120,7 @@ def main() -> int:
             "-k", settings.worker_type, "-w", str(settings.workers),
         ], env),
         Child("api", [
-            sys.executable, "-m", "uvicorn", "main:app",
+            sys.executable, "-m", "uvicorn", "main:app", "--http", PROTOCOL,
             "--host", args.host, "--port", str(args.port),
             "--log-config", "config/logger.config",
         ], env),
