@@ -33,10 +33,19 @@ TRAINING_RETRY_S = 5  # a training job that finds another running looks again th
 
 
 class Huey(PriorityRedisExpireHuey):  # type: ignore[misc]
-    """Huey's priority queue with expiring results, each stored bound to its task's id."""
+    """Huey's priority queue with expiring results, each stored bound to its task's id, and
+    periodic tasks enqueued once per tick across all consumers."""
 
     def put_result(self, key: str, data: Any) -> Any:
         return self.storage.put_data(key, self.serializer.dump_result(key, data), is_result=True)
+
+    def read_periodic(self, timestamp: Any) -> list[Any]:
+        """The periodic tasks due now that this consumer's scheduler claimed: one per minute
+        however many consumers run (hueyserve.worker.leases.LeasingStorage.claim_tick)."""
+        due = super().read_periodic(timestamp)
+        moment = timestamp or self._get_timestamp()
+        minute = moment.strftime("%Y%m%d%H%M")
+        return [task for task in due if self.storage.claim_tick(task.name, minute)]
 
 
 huey = Huey(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -173,6 +173,11 @@ class Settings(BaseSettings):
 
     # --- Logs ------------------------------------------------------------------------------
     log_dir: Path = Field(Path("logs"), description="Rotating log files go here.")
+    task_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        None,
+        description="Workers: level of the `huey` logger, which writes two INFO lines per task "
+        "(WARNING drops them, as `huey_consumer -q` does). Unset: the consumer's own.",
+    )
 
     def keys(self, scope: str) -> frozenset[str]:
         """The configured keys of a scope ("api" or "admin")."""

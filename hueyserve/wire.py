@@ -10,6 +10,7 @@ modules (hueyserve.worker) both import it; neither imports the other.
 | Huey's queue (`huey.storage`)        | ZSET    | API, workers          | workers, API (depth)  |
 | `<queue>:leases`                     | ZSET    | workers               | workers (reaper)      |
 | `<queue>:doorbell`                   | LIST    | API, workers          | idle workers          |
+| `<queue>:tick:<task>:<minute>`       | STRING  | workers (scheduler)   | workers (scheduler)   |
 | Huey's result and revoke keys        | STRING  | workers, API (revoke) | API, workers          |
 | `hueyserve:job:<id>`                 | HASH    | API, workers          | API, workers          |
 | `hueyserve:idempotency:<key>`        | STRING  | API                   | API                   |
@@ -87,6 +88,11 @@ def idempotency_key(client_key: str) -> str:
 def leases_key(queue_key: str) -> str:
     """Sorted set: a running task's queue entry -> its lease's expiry (unix seconds)."""
     return f"{queue_key}:leases"
+
+
+def tick_key(queue_key: str, task_name: str, minute: str) -> str:
+    """Claimed by the one consumer that enqueues a periodic task for that minute."""
+    return f"{queue_key}:tick:{task_name}:{minute}"
 
 
 def doorbell_key(queue_key: str) -> str:

@@ -295,3 +295,15 @@ def test_a_csv_target_that_is_not_a_column_is_a_422(client: TestClient) -> None:
     response = client.post("/v1/models/columns/train", json=body)
     assert response.status_code == 422, response.text
     assert "no column 'z'; columns: x, y" in response.json()["error"]
+
+
+def test_each_periodic_task_is_enqueued_once_per_minute_however_many_consumers(
+    redis_conn: redis.Redis,
+) -> None:
+    """Issue 11.21: every consumer's scheduler enqueued its own refresh each minute."""
+    noon = datetime.datetime(2026, 11, 30, 12, 0, 5)
+    first = core.huey.read_periodic(noon)  # one consumer's scheduler...
+    second = core.huey.read_periodic(noon.replace(second=40))  # ...another's, the same minute
+    assert [task.name for task in first] == ["refresh_models"] and second == []
+    later = core.huey.read_periodic(noon + datetime.timedelta(minutes=1))
+    assert [task.name for task in later] == ["refresh_models"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -491,3 +492,17 @@ def test_not_ready_until_subscribed_to_result_notifications(
     finally:
         services.queue.results.connected.set()
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_the_docs_page_loads_everything_from_this_server(client: TestClient) -> None:
+    """Issue 11.21: /docs was blank without internet (Swagger UI came from a CDN)."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    linked = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert linked and all(url.startswith("/") for url in linked), linked
+    for url in linked:
+        asset = client.get(url)
+        assert asset.status_code == 200 and asset.content, url
+    assert "SwaggerUIBundle" in client.get("/docs/assets/swagger-ui-bundle.js").text
+    assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
+    assert client.get("/redoc").status_code == 404  # ReDoc would load from a CDN

@@ -12,8 +12,9 @@ from huey import Huey
 from pydantic.json_schema import models_json_schema
 from starlette.middleware import Middleware
 
-from hueyserve.api import v2
+from hueyserve.api import paths, v2
 from hueyserve.api.answers import CachedAnswers
+from hueyserve.api.docs import add_docs
 from hueyserve.api.guard import RequestGuard
 from hueyserve.api.schemas import ErrorBody, PredictRequest
 from hueyserve.api.services import Tasks, running
@@ -38,6 +39,9 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
         version="0.2.0",
         lifespan=lifespan,
         responses=ERRORS,
+        docs_url=None,  # served offline by hueyserve.api.docs instead
+        redoc_url=None,  # ReDoc loads from a CDN
+        openapi_url=paths.OPENAPI,
         # Outermost first, in the order requests travel: the timer sees every answer; the
         # guard refuses before the answer cache reads a body.
         middleware=[
@@ -67,4 +71,5 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
         return app.openapi_schema or {}
 
     app.openapi = openapi_with_raw_bodies  # type: ignore[method-assign]
+    add_docs(app)
     return app

@@ -48,12 +48,16 @@ V2_MODEL_READY = "/v2/models/{name:model}/ready"
 V2_VERSION_READY = "/v2/models/{name:model}/versions/{version}/ready"
 V2_INFER = "/v2/models/{name:model}/infer"
 V2_VERSION_INFER = "/v2/models/{name:model}/versions/{version}/infer"
-# Health and tooling (the docs routes are FastAPI's own)
+# Health and tooling
 LIVE = "/v2/health/live"
 READY = "/v2/health/ready"
 HEALTH = "/health"
 METRICS = "/metrics"
-DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+DOCS_UI = "/docs"
+DOCS_OAUTH2 = "/docs/oauth2-redirect"
+DOCS_ASSETS = "/docs/assets"  #: Swagger UI's own files (hueyserve.api.docs)
+OPENAPI = "/openapi.json"
+DOCS = (DOCS_UI, DOCS_OAUTH2, f"{DOCS_ASSETS}/{{file}}", OPENAPI)
 
 OPEN_PATHS = (V2_SERVER, LIVE, READY, HEALTH, METRICS, *DOCS)
 ADMIN_PATHS = (V1_TRAIN, V1_RELOAD, PURGE)

@@ -32,11 +32,13 @@ from hueyserve.wire import (
     message_of,
     queue_entry,
     queue_score,
+    tick_key,
 )
 from hueyserve.worker.outage import UNREACHABLE, RedisOutage
 
 logger = logging.getLogger(__name__)
 
+TICK_TTL_S = 3600  #: a minute's claim outlives any clock skew between consumers
 OUTAGE_PAUSE_S = 1.0  #: how long a worker thread waits before trying an unreachable Redis again
 
 
@@ -119,6 +121,19 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             self.outage.failed(exc, "reading the schedule")
             return []
         return due
+
+    def claim_tick(self, task_name: str, minute: str) -> bool:
+        """Whether this consumer enqueues periodic `task_name` for `minute`: every consumer's
+        scheduler asks, the first wins (one scheduler is enough, as Huey advises, without an
+        operator choosing which consumer runs it)."""
+        try:
+            claimed = self.conn.set(
+                tick_key(self.queue_key, task_name, minute), 1, nx=True, ex=TICK_TTL_S
+            )
+        except UNREACHABLE as exc:
+            self.outage.failed(exc, "scheduling periodic tasks")
+            return False
+        return bool(claimed)
 
     def _take_one(self, give_back: bytes | None = None) -> bytes | None:
         keys = [self.queue_key, self.leases_key]

@@ -14,8 +14,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
 OWN_LOGGERS = ("core", "hueyserve")
 
 
-def configure_worker_logging(log_dir: Path) -> None:
-    """Idempotent: safe to call from every worker thread's startup hook."""
+def configure_worker_logging(log_dir: Path, task_log_level: str | None = None) -> None:
+    """Idempotent: safe to call from every worker thread's startup hook. `task_log_level`
+    (HUEYSERVE_TASK_LOG_LEVEL) sets the `huey` logger's, whose per-task lines fill the logs
+    under load."""
+    if task_log_level is not None:
+        logging.getLogger("huey").setLevel(task_log_level)
     root = logging.getLogger()
     path = (log_dir / "huey.log").resolve()
     if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):

@@ -68,7 +68,7 @@ class WorkerProcess:
 
     def thread_started(self) -> None:
         """Each worker thread, as it starts; the background threads start with the first."""
-        configure_worker_logging(self.settings.log_dir)
+        configure_worker_logging(self.settings.log_dir, self.settings.task_log_level)
         with self._lock:
             self._running_threads += 1
         self.heartbeat.start()
