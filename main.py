@@ -20,7 +20,10 @@ import orjson
 from fastapi import Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 import core
 from hueyserve import metrics
@@ -102,9 +105,21 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 @app.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Routing errors (404 no such route, 405 wrong method) in our error format."""
+    """Routing errors (404 no such route, 405 wrong method) in our error format. A 405's
+    `Allow` names the methods of every route on the path (Starlette names only the first's)."""
     message = f"{exc.detail}: {request.method} {request.url.path}; see /docs for the routes"
-    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(sorted(allowed_methods(request.scope)))
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
+
+
+def allowed_methods(scope: Scope) -> set[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return methods
 
 
 # --- KServe v1: models and predict -------------------------------------------------------------
@@ -264,12 +279,12 @@ async def readiness(api: Services, name: str, version: str | None) -> JSONRespon
 
 INFER_BODY = {
     "required": True,
+    # Binary tensors (Triton's extension) are not listed as a content type: OpenAPI cannot say
+    # that such a body starts with JSON whose length a header gives, and any bytes are not valid.
+    "description": "JSON. With Triton's binary extension: `application/octet-stream`, the JSON "
+    f"request (its length in `{v2.BINARY_HEADER}`) followed by the raw tensor bytes.",
     "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
-        "application/octet-stream": {
-            "schema": {"type": "string", "format": "binary"},
-            "description": f"JSON, then binary tensors; JSON length in {v2.BINARY_HEADER}",
-        },
     },
 }
 

@@ -3,10 +3,12 @@ matrix of bad inputs always gets a 4xx that says what is wrong."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
+from schemathesis.config import SchemathesisConfig
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
@@ -14,7 +16,10 @@ import main
 
 # Training is left out: a generated valid plan would train real models for minutes. Its
 # bad requests have tests of their own (tests/test_lifecycle.py).
-schema = schemathesis.openapi.from_dict(main.app.openapi()).exclude(path_regex=r".*/train$")
+CONFIG = SchemathesisConfig.from_path(Path(__file__).with_name("schemathesis.toml"))
+schema = schemathesis.openapi.from_dict(main.app.openapi(), config=CONFIG).exclude(
+    path_regex=r".*/train$"
+)
 
 
 @schema.parametrize()
@@ -24,13 +29,16 @@ schema = schemathesis.openapi.from_dict(main.app.openapi()).exclude(path_regex=r
     suppress_health_check=list(HealthCheck),
     database=None,
 )
-def test_generated_requests_never_get_a_5xx(case: Any, client: TestClient) -> None:
+def test_generated_requests_pass_every_check(case: Any, client: TestClient) -> None:
+    """No 5xx, and every answer as the schema says: status, body, headers, content type,
+    schema-valid data accepted and invalid data refused (issue 11.20: all checks)."""
     kwargs = case.as_transport_kwargs(base_url="http://testserver")
     kwargs.pop("cookies", None)  # none in our API; httpx deprecates them per request
     if isinstance(kwargs.get("data"), bytes | str):
         kwargs["content"] = kwargs.pop("data")  # raw bodies, as httpx wants them
     response = client.request(**kwargs)
     assert response.status_code < 500, (case.as_curl_command(), response.text)
+    case.validate_response(response, transport_kwargs=kwargs)
 
 
 ROW = "0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0"
@@ -99,3 +107,40 @@ def test_bad_input_gets_a_4xx_that_says_why(
     response = client.post(path, content=body.encode(), headers={"Content-Type": content_type})
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["error"]
+
+
+# --- issue 11.20: what schemathesis with all checks found ---------------------------------
+
+
+def test_a_405_allows_every_method_of_the_path(client: TestClient) -> None:
+    refused = client.request("OPTIONS", "/v1/jobs/some-job")
+    assert refused.status_code == 405 and refused.headers["Allow"] == "DELETE, GET"
+
+
+TENSOR = {"name": "features", "datatype": "FP64", "shape": [1, 10], "data": [[0.1] * 10]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/jobs", {"model": "diabetes", "instances": [[0.1] * 10], "priority": False}),
+        ("/v1/jobs", {"model": "diabetes", "instances": [[0.1] * 10], "priority": 5.0}),
+        (V2, {"inputs": [{**TENSOR, "shape": [1.0, 10.0]}]}),
+    ],
+)
+def test_integers_are_integers(client: TestClient, path: str, body: dict[str, Any]) -> None:
+    answer = client.post(path, json=body)
+    assert answer.status_code == 422, answer.text
+
+
+def test_the_schema_says_a_row_is_not_empty() -> None:
+    row = main.app.openapi()["components"]["schemas"]["PredictRequest"]["properties"]
+    assert row["instances"]["items"]["minItems"] == 1
+
+
+def test_v1_and_v2_read_a_large_integer_feature_alike(client: TestClient) -> None:
+    row = [10**30] + [0.1] * 9
+    v1 = client.post(V1, json={"instances": [row]})
+    v2 = client.post(V2, json={"inputs": [{**TENSOR, "data": [row]}]})
+    assert v1.status_code == v2.status_code == 200, (v1.text, v2.text)
+    assert v1.json()["predictions"][0] == v2.json()["outputs"][0]["data"][0]

@@ -12,10 +12,12 @@ from hueyserve.jobs import JobKind, JobStatus
 
 #: One feature value: a real JSON number. Strings, booleans, null, NaN and Infinity are refused.
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Instances = Annotated[list[list[Feature]], Field(min_length=1, description="Rows of features.")]
+Row = Annotated[list[Feature], Field(min_length=1)]
+Instances = Annotated[list[Row], Field(min_length=1, description="Rows of features.")]
 #: Longest string any request field may hold (names, ids, parameter values).
 MAX_STRING = 4096
-Priority = Annotated[int, Field(ge=0, le=100, description="0-100; higher runs first.")]
+#: Strict: `false` or `50.0` is not a priority.
+Priority = Annotated[int, Field(strict=True, ge=0, le=100, description="0-100; higher runs first.")]
 #: Longest duration a request may ask for (a job's deadline, a wait): longer ones overflow
 #: the dates they become, and nobody means them.
 MAX_DURATION_S = 365 * 24 * 3600

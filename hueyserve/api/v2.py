@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, ValidationError
 
 from hueyserve.api.schemas import MAX_DURATION_S, MAX_STRING
 from hueyserve.api.validation import validation_failure
@@ -70,7 +70,7 @@ class RequestInput(BaseModel):
     model_config = ConfigDict(str_max_length=MAX_STRING)
 
     name: str = Field(max_length=200)
-    shape: list[int] = Field(max_length=8)
+    shape: list[StrictInt] = Field(max_length=8)
     datatype: str = Field(max_length=20)
     parameters: Parameters | None = None
     data: JsonValue = None
@@ -206,10 +206,23 @@ def _json_values(data: JsonValue, datatype: str) -> np.ndarray:
         values = np.asarray(data)
     except ValueError as exc:  # ragged nesting
         raise InvalidInput(f"inputs[0].data is not a regular array: {exc}") from exc
+    if values.dtype.kind == "O" and datatype.startswith("FP"):
+        values = _big_integers(values)  # 10**30 is a number to v1, so it is one here too
     kinds = "b" if datatype == "BOOL" else "iuf"
     if values.dtype.kind not in kinds:
         raise InvalidInput(f"inputs[0].data must hold only numbers for datatype {datatype}")
     return values.ravel()
+
+
+def _big_integers(values: np.ndarray) -> np.ndarray:
+    """Integers beyond int64 (numpy keeps them as objects) as floats; anything else as is."""
+    flat = values.ravel()
+    if not all(type(value) in (int, float) for value in flat):
+        return values
+    try:
+        return flat.astype(np.float64)
+    except OverflowError as exc:
+        raise InvalidInput("inputs[0].data holds an integer beyond any float") from exc
 
 
 @dataclass(frozen=True)
