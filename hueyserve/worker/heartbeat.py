@@ -12,7 +12,7 @@ from collections.abc import Callable
 import redis
 
 from hueyserve.wire import HEARTBEATS_KEY, heartbeat_member
-from hueyserve.worker.outage import UNREACHABLE, RedisOutage
+from hueyserve.worker.outage import UNAVAILABLE, RedisOutage
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Heartbeat:
                 self.outage.reached()
                 if self.on_beat is not None:
                     self.on_beat()
-            except UNREACHABLE as exc:
+            except UNAVAILABLE as exc:
                 self.outage.failed(exc, "heartbeat")
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %s", exc)

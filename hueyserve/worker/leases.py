@@ -34,7 +34,7 @@ from hueyserve.wire import (
     queue_score,
     tick_key,
 )
-from hueyserve.worker.outage import UNREACHABLE, RedisOutage
+from hueyserve.worker.outage import UNAVAILABLE, RedisOutage
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +82,20 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
     def dequeue(self) -> bytes | None:
         """Give back this thread's last lease and take the most urgent task with a lease of
         its own, in one atomic script; when there is none, wait for the doorbell and try once
-        more. While Redis is unreachable: nothing, after a pause, logged once per outage
-        (Huey would log a traceback per thread and attempt)."""
+        more. While Redis is unreachable or refuses writes: nothing, after a pause, logged
+        once per outage (Huey would log a traceback per thread and attempt)."""
         previous = self._give_back()
+        if self.outage.refusing_writes:  # wait rather than take a task Redis cannot record
+            if previous is not None:
+                self._keep(previous)
+            time.sleep(OUTAGE_PAUSE_S)
+            return None
         try:
             entry = self._take_one(previous)
             if entry is None:
                 self.conn.blpop([self.doorbell_key], timeout=self.read_timeout)
                 entry = self._take_one()
-        except UNREACHABLE as exc:
+        except UNAVAILABLE as exc:
             if previous is not None:  # still ours to give back later
                 self._keep(previous)
             self.outage.failed(exc, "taking a task")
@@ -100,9 +105,9 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             if previous is not None:
                 self._keep(previous)
             raise
-        self.outage.reached()
         if entry is None:
-            return None
+            return None  # a read, which a Redis refusing writes still answers: proves nothing
+        self.outage.reached()  # a task leased: Redis took a write
         with self._lock:
             self._held[threading.get_ident()] = entry
         return message_of(entry)
@@ -117,7 +122,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         """Huey's scheduler reads each second; while Redis is unreachable, nothing is due."""
         try:
             due: list[bytes] = super().read_schedule(ts)
-        except UNREACHABLE as exc:
+        except UNAVAILABLE as exc:
             self.outage.failed(exc, "reading the schedule")
             return []
         return due
@@ -130,7 +135,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             claimed = self.conn.set(
                 tick_key(self.queue_key, task_name, minute), 1, nx=True, ex=TICK_TTL_S
             )
-        except UNREACHABLE as exc:
+        except UNAVAILABLE as exc:
             self.outage.failed(exc, "scheduling periodic tasks")
             return False
         return bool(claimed)
@@ -228,7 +233,7 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         while not self._stop_renewing.wait(interval_s):
             try:
                 self.renew()
-            except UNREACHABLE as exc:
+            except UNAVAILABLE as exc:
                 self.outage.failed(exc, "renewing leases")
             except redis.RedisError as exc:
                 logger.warning("renewing leases failed: %s", exc)
