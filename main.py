@@ -68,7 +68,8 @@ Prefer = Annotated[str | None, Header()]
 JobId = Annotated[str, Path(max_length=200, description="The id a submission answered.")]
 
 
-def idempotency(
+# async: a plain `def` dependency would run in a thread pool, a hop per request on the hot path.
+async def idempotency(
     request: Request,
     idempotency_key: Annotated[
         str | None,
@@ -208,15 +209,10 @@ async def predict_v1(
             idempotency_key=idempotency_key,
         )  # fmt: skip
         return accepted_response(accepted)
-    if idempotency_key is None:
-        answer = await api.inference.infer(
-            model, features, priority=body.priority, timeout_s=body.timeout
-        )
-    else:
-        answer = await api.inference.infer_once(
-            model, features, priority=body.priority, timeout_s=body.timeout,
-            client_key=idempotency_key,
-        )  # fmt: skip
+    answer = await api.inference.infer(
+        model, features, priority=body.priority, timeout_s=body.timeout,
+        client_key=idempotency_key,
+    )  # fmt: skip
     # Rendered with orjson straight away: the response model documents the body, and
     # validating our own output once more per request would only cost time.
     content = orjson.dumps(
@@ -346,15 +342,10 @@ async def infer_v2(
             idempotency_key=idempotency_key,
         )  # fmt: skip
         return accepted_response(accepted)
-    if idempotency_key is None:
-        answer = await api.inference.infer(
-            model, features, priority=plan.priority, timeout_s=plan.timeout_s
-        )
-    else:
-        answer = await api.inference.infer_once(
-            model, features, priority=plan.priority, timeout_s=plan.timeout_s,
-            client_key=idempotency_key, protocol="v2",
-        )  # fmt: skip
+    answer = await api.inference.infer(
+        model, features, priority=plan.priority, timeout_s=plan.timeout_s,
+        client_key=idempotency_key, protocol="v2",
+    )  # fmt: skip
     answer_v2 = v2.v2_response(
         model, answer.outputs, request_id=infer_request.id, selected=selected
     )

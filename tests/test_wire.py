@@ -96,3 +96,16 @@ def test_only_calls_that_succeeded_are_observed() -> None:
     predict_parts(model.predict, parts, lambda n, rows, seconds: calls.append((n, rows)))
     assert model.calls == [4, 1, 3, 2, 1]  # the whole, then halves: [p0] ok, [p1, p2]...
     assert calls == [(1, 1), (1, 1)]  # p0 and p2 alone; the three failed calls tell nothing
+
+
+def test_every_eviction_policy_but_noeviction_is_refused() -> None:
+    """Issue 11.3: Redis's own list of `maxmemory-policy` values."""
+    evicting = [
+        "allkeys-lru", "volatile-lru", "allkeys-lfu", "volatile-lfu",
+        "allkeys-random", "volatile-random", "volatile-ttl",
+    ]  # fmt: skip
+    for policy in evicting:
+        problem = wire.eviction_problem(policy)
+        assert problem is not None and policy in problem and "noeviction" in problem
+    assert wire.eviction_problem("noeviction") is None
+    assert wire.eviction_problem(None) is None  # CONFIG refused: cannot tell

@@ -67,9 +67,16 @@ class InferenceService:
         *,
         priority: int | None,
         timeout_s: float | None,
+        client_key: str | None = None,
+        protocol: str = "v1",
     ) -> Prediction:
         """Answer at once from cache, join an identical request in flight, or enqueue and wait
-        for the worker's result."""
+        for the worker's result; with an Idempotency-Key (`client_key`), see `infer_once`."""
+        if client_key is not None:
+            return await self.infer_once(
+                model, features, priority=priority, timeout_s=timeout_s,
+                client_key=client_key, protocol=protocol,
+            )  # fmt: skip
         key = cache_key(model.name, model.version, features)
         cached = self.cache.get(key)
         if cached is not None:
