@@ -62,7 +62,7 @@ huey = Huey(
     # JSON, never pickle: what is read from Redis is data, not code. With a secret, every
     # message and result is signed; a forged or tampered message fails to deserialize and the
     # consumer logs and drops it ("Error reading from queue"), never running it.
-    serializer=JsonSerializer(settings.secret.get_secret_value() if settings.secret else None),
+    serializer=JsonSerializer(settings.secret_value()),
     # The consumer blocks on the doorbell for 1 s, so the read timeout must be longer.
     connection_pool=ConnectionPool.from_url(
         settings.redis_url,

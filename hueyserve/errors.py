@@ -79,6 +79,9 @@ class RequestTimeout(ServiceError):
 class PayloadTooLarge(ServiceError):
     status_code = 413
 
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # else the rest of an endless body keeps the socket
+
 
 class UnsupportedMediaType(ServiceError):
     status_code = 415

@@ -17,6 +17,7 @@ import base64
 import datetime
 import hashlib
 import hmac
+import math
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -95,8 +96,10 @@ def _derive_key(secret: str) -> bytes:
 def encode(value: Any) -> Any:
     """`value` as plain JSON data, with the types JSON lacks tagged."""
     kind = type(value)  # exact types first: the common case, and cheaper than isinstance
-    if kind is str or kind is float or kind is bool or value is None:
+    if kind is str or kind is bool or value is None:
         return value
+    if kind is float:  # JSON has no NaN or Infinity (orjson would write null)
+        return value if math.isfinite(value) else {TAG: "float", "v": repr(value)}
     if kind is int:
         return value if value in INT64 else {TAG: "int", "v": str(value)}
     if kind is list:
@@ -109,11 +112,11 @@ def encode(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return encode(int(value))
     if isinstance(value, float):
-        return float(value)
+        return encode(float(value))
     if isinstance(value, list):
         return [encode(item) for item in value]
     if isinstance(value, dict):
-        if TAG in value or not all(isinstance(key, str) for key in value):
+        if TAG in value or not all(type(key) is str for key in value):
             return {TAG: "map", "v": [[encode(k), encode(v)] for k, v in value.items()]}
         return {key: encode(item) for key, item in value.items()}
     if isinstance(value, Message):
@@ -161,6 +164,8 @@ def decode(value: Any) -> Any:
         return {decode(k): decode(v) for k, v in _list(data)}
     if kind == "int":
         return int(str(data))
+    if kind == "float":
+        return float(str(data))  # nan, inf, -inf
     if kind == "datetime":
         return datetime.datetime.fromisoformat(str(data))
     if kind == "timedelta":

@@ -227,6 +227,15 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        """`HUEYSERVE_SECRET=` (an empty line in .env) means no secret, not an empty key."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def secret_value(self) -> str | None:
+        return self.secret.get_secret_value() if self.secret is not None else None
+
     @model_validator(mode="after")
     def _check_remote_redis_has_a_secret(self) -> Self:
         host = urlsplit(self.redis_url).hostname

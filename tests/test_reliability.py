@@ -459,6 +459,10 @@ def test_a_sync_retry_with_its_idempotency_key_gets_the_first_job_s_answer(
         assert retry.headers["X-Job-Id"] == job_id and retry.headers["X-Cache"] == "repeat"
         again = client.post("/v1/models/gate:predict", json=call, headers=key)
         assert again.headers["X-Job-Id"] == job_id and again.json()["predictions"] == [7.0]
+        reused = client.post(
+            "/v1/models/gate:predict", json={"instances": [[7.0], [1.0]]}, headers=key
+        )
+        assert reused.status_code == 409 and "Idempotency-Key" in reused.json()["error"]
         other, fresh_key = {"instances": [[8.0]]}, {"Idempotency-Key": "order-18"}
         fresh = client.post("/v1/models/gate:predict", json=other, headers=fresh_key)
         assert fresh.status_code == 200 and fresh.headers["X-Job-Id"] != job_id

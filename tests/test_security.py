@@ -87,7 +87,7 @@ def test_an_admin_key_does_both(keyed: TestClient) -> None:
 def test_a_body_over_the_limit_is_413_before_anything_reads_it(client: TestClient) -> None:
     big = b"[" + b"0," * (settings.max_body_bytes // 2) + b"0]"
     response = client.post(PREDICT, content=big, headers={"Content-Type": "application/json"})
-    assert response.status_code == 413
+    assert response.status_code == 413 and response.headers["Connection"] == "close"
     assert "HUEYSERVE_MAX_BODY_BYTES" in response.json()["error"]
 
 

@@ -4,6 +4,7 @@ signed when there is a secret; anything else is refused (hueyserve.serializer)."
 from __future__ import annotations
 
 import datetime
+import math
 import pickle
 from typing import Any
 
@@ -25,6 +26,7 @@ VALUES: list[Any] = [
     datetime.datetime(2026, 11, 30, 12, 0, 0, 123456),
     datetime.timedelta(seconds=90.5),
     TrainPlan("iris", "LogisticRegression", {"C": 0.5}, "species", 0.25, 3),
+    {"metrics": {"r2": float("inf"), "mae": -float("inf")}},
 ]
 
 
@@ -90,3 +92,9 @@ def test_a_result_reads_only_as_the_job_it_was_stored_for() -> None:
         codec.load_result("job-b", stored)
     with pytest.raises(UnreadablePayload):
         codec.load_result("job-a", codec.serialize({"predict": [1.0]}))  # not bound at all
+
+
+def test_nan_and_numpy_string_keys_travel_as_plain_values() -> None:
+    codec = JsonSerializer()
+    read = codec.deserialize(codec.serialize({np.str_("label"): [float("nan")]}))
+    assert list(read) == ["label"] and math.isnan(read["label"][0])

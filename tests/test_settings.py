@@ -55,6 +55,9 @@ def test_a_redis_on_another_host_needs_a_secret(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("HUEYSERVE_SECRET", raising=False)
     with pytest.raises(ValidationError, match="set HUEYSERVE_SECRET"):
         Settings()
+    monkeypatch.setenv("HUEYSERVE_SECRET", "")  # an empty line in .env is no secret
+    with pytest.raises(ValidationError, match="set HUEYSERVE_SECRET"):
+        Settings()
     monkeypatch.setenv("HUEYSERVE_SECRET", "a shared secret")
     assert Settings().redis_url == url
 

@@ -52,6 +52,7 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
                 admin_keys=settings.keys("admin"),
                 max_body_bytes=settings.max_body_bytes,
                 body_timeout_s=settings.body_timeout_s,
+                key_salt=settings.secret_value(),
             ),
             Middleware(CachedAnswers),
         ],

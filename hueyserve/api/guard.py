@@ -48,12 +48,14 @@ class RequestGuard:
         admin_keys: frozenset[str],
         max_body_bytes: int,
         body_timeout_s: float = 30.0,
+        key_salt: str | None = None,
     ) -> None:
         self.app = app
         self.predict_keys = predict_keys | admin_keys  # an admin may predict too
         self.admin_keys = admin_keys
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.key_salt = (key_salt or "").encode()  #: HUEYSERVE_SECRET, for key ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,10 +69,16 @@ class RequestGuard:
         state = scope.setdefault("state", {})
         state.setdefault(CALLER, caller)
         if key is not None and caller is not None:
-            state.setdefault(KEY_ID, hashlib.sha256(key.encode("latin-1")).hexdigest()[:16])
+            # Keyed with the secret: a Redis reader cannot test guesses of an API key.
+            key_id = hmac.new(self.key_salt, key.encode("latin-1"), hashlib.sha256)
+            state.setdefault(KEY_ID, key_id.hexdigest()[:16])
         refusal = self._refusal(scope["path"], headers, caller)
         if refusal is not None:
-            await _answer(send, *refusal)
+            status, message, extra = refusal
+            if b"content-length" in headers or b"transfer-encoding" in headers:
+                # A body nobody reads: close, or its sender could keep the socket forever.
+                extra = [*extra, (b"connection", b"close")]
+            await _answer(send, status, message, extra)
             return
         started = False
         refused: ServiceError | None = None  # the body was too large or too slow

@@ -31,8 +31,9 @@ class HealthService:
         self.queue = queue
         self.catalog = catalog
         self.cache = cache
-        secret = settings.secret.get_secret_value() if settings.secret else None
-        self.proof = secret_proof(secret)  #: what a worker sharing our secret shows
+        self.proof = secret_proof(
+            settings.secret_value()
+        )  #: what a worker sharing our secret shows
         self._priorities_seen: set[int] = set()
 
     async def readiness(self) -> list[str]:

@@ -19,7 +19,13 @@ from hueyserve import metrics, wire
 from hueyserve.api.grouping import Grouper, GroupKey, Member
 from hueyserve.api.queue import TaskQueue
 from hueyserve.cache import CacheKey, PredictionCache, cache_key
-from hueyserve.errors import InvalidInput, PredictTimeout, QueueFull, ServiceUnavailable
+from hueyserve.errors import (
+    Conflict,
+    InvalidInput,
+    PredictTimeout,
+    QueueFull,
+    ServiceUnavailable,
+)
 from hueyserve.jobs import JobKind, new_record
 from hueyserve.models import ModelVersion, Outputs
 from hueyserve.settings import Settings
@@ -137,7 +143,9 @@ class InferenceService:
             raise
         if held != job_id:  # the first call with this key holds: its answer is ours
             self.queue.results.forget(job_id)
-            return Prediction(await self.queue.wait_stored(held, wait_s), model, "repeat", held)
+            stored, value = await self.queue.wait_stored(held, wait_s)
+            _check_same_request(stored, model, len(features))
+            return Prediction(value, model, "repeat", held)
         metrics.JOBS.labels(JobKind.PREDICT.value, "submitted").inc()
         return Prediction(await self.queue.wait(job_id, wait_s), model, "miss", job_id)
 
@@ -199,6 +207,23 @@ class InferenceService:
         except QueueFull as exc:
             raise exc.overloaded() from None  # a sync call gets a 503, a job submission a 429
         metrics.JOBS.labels(JobKind.PREDICT.value, "submitted").inc(len(members))
+
+
+def _check_same_request(record: dict[str, str], model: ModelVersion, rows: int) -> None:
+    """A repeated Idempotency-Key must name the same kind of request: a key first used for
+    another model, version or row count (or a training) is a client's mistake, not a repeat."""
+    first = (
+        record.get("kind"),
+        record.get("model"),
+        record.get("version"),
+        record.get("instances"),
+    )
+    if first != (JobKind.PREDICT.value, model.name, model.version, str(rows)):
+        raise Conflict(
+            "this Idempotency-Key was first used for another request "
+            f"({first[0]} of model {first[1]} version {first[2]}, {first[3]} rows); "
+            "use a new key for a new request"
+        )
 
 
 def _retrieve(answer: asyncio.Future[Outputs]) -> None:

@@ -65,7 +65,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
     def _too_slow(self) -> None:
         self._headers_due = None
         if self.cycle is not None and not self.cycle.response_complete:
-            return  # a request is being answered: its own headers were complete
+            # A request is being answered; the next one (pipelined) may have begun: its
+            # headers get another full period, checked again then.
+            self._arm()
+            return
         if not self.transport.is_closing():
             self.transport.write(TIMEOUT_ANSWER)
             self.transport.close()

@@ -33,7 +33,7 @@ from hueyserve.errors import (
     RedisUnavailable,
     ResultUnavailable,
 )
-from hueyserve.jobs import Fields
+from hueyserve.jobs import Fields, JobStatus
 from hueyserve.wire import (
     CANCEL_SCRIPT,
     DOORBELL_TOKENS,
@@ -73,7 +73,9 @@ UNREADABLE = (
 )
 
 
-POLL_S = 0.05  #: how often `wait_stored` looks for a result
+POLL_S = 0.05  #: `wait_stored`'s first pause between looks for a result...
+POLL_MAX_S = 0.5  #: ...doubled up to this
+CANCELLED, EXPIRED = JobStatus.CANCELLED.value, JobStatus.EXPIRED.value
 
 
 def _outcome(job_id: str, value: Any, timeout_s: float) -> Any:
@@ -207,18 +209,27 @@ class TaskQueue:
             raise ResultUnavailable(job_id, exc.message) from exc
         return _outcome(job_id, value, timeout_s)
 
-    async def wait_stored(self, job_id: str, timeout_s: float) -> Any:
-        """The result of a job another process enqueued (its wake-up goes there), looked for
-        every POLL_S; as `wait` otherwise."""
-        deadline = time.monotonic() + timeout_s
+    async def wait_stored(self, job_id: str, timeout_s: float) -> tuple[dict[str, str], Any]:
+        """The record and result of a job another process enqueued (its wake-up goes there),
+        looked for with a growing pause (POLL_S up to POLL_MAX_S); a job that ended without
+        a result (cancelled, expired) or a timeout as the matching ServiceError."""
+        deadline, pause = time.monotonic() + timeout_s, POLL_S
         try:
-            while (value := await self.result(job_id)) is EmptyData:
-                if time.monotonic() >= deadline:
+            while True:
+                record, value = await self.job(job_id)
+                status = record.get("status")
+                if value is not EmptyData or status in (CANCELLED, EXPIRED):
                     break
-                await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, POLL_MAX_S)
         except RedisUnavailable as exc:
             raise ResultUnavailable(job_id, exc.message) from exc
-        return _outcome(job_id, value, timeout_s)
+        if value is EmptyData and status in (CANCELLED, EXPIRED):
+            raise PredictionFailed(job_id, record.get("error") or f"the job was {status}")
+        return record, _outcome(job_id, value, timeout_s)
 
     async def result(self, task_id: str) -> Any:
         """The stored result (a value, or huey's `Error`), or EmptyData when there is none."""

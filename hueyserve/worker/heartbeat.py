@@ -12,7 +12,7 @@ from collections.abc import Callable
 import redis
 
 from hueyserve.wire import HEARTBEATS_KEY, heartbeat_member
-from hueyserve.worker.outage import UNAVAILABLE, RedisOutage
+from hueyserve.worker.outage import RedisOutage, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,11 @@ class Heartbeat:
                 self.outage.reached()
                 if self.on_beat is not None:
                     self.on_beat()
-            except UNAVAILABLE as exc:
-                self.outage.failed(exc, "heartbeat")
-            except redis.RedisError as exc:
-                logger.warning("heartbeat failed: %s", exc)
-            except Exception:
-                logger.exception("heartbeat check failed")
+            except Exception as exc:
+                if unavailable(exc):
+                    self.outage.failed(exc, "heartbeat")
+                elif isinstance(exc, redis.RedisError):
+                    logger.warning("heartbeat failed: %s", exc)
+                else:
+                    logger.exception("heartbeat check failed")
             self._stop.wait(self.interval_s)

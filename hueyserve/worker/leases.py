@@ -34,7 +34,7 @@ from hueyserve.wire import (
     queue_score,
     tick_key,
 )
-from hueyserve.worker.outage import UNAVAILABLE, RedisOutage
+from hueyserve.worker.outage import RedisOutage, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +95,14 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             if entry is None:
                 self.conn.blpop([self.doorbell_key], timeout=self.read_timeout)
                 entry = self._take_one()
-        except UNAVAILABLE as exc:
+        except BaseException as exc:
             if previous is not None:  # still ours to give back later
                 self._keep(previous)
+            if not unavailable(exc):
+                raise
             self.outage.failed(exc, "taking a task")
             time.sleep(OUTAGE_PAUSE_S)
             return None
-        except BaseException:
-            if previous is not None:
-                self._keep(previous)
-            raise
         if entry is None:
             return None  # a read, which a Redis refusing writes still answers: proves nothing
         self.outage.reached()  # a task leased: Redis took a write
@@ -122,7 +120,9 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         """Huey's scheduler reads each second; while Redis is unreachable, nothing is due."""
         try:
             due: list[bytes] = super().read_schedule(ts)
-        except UNAVAILABLE as exc:
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
             self.outage.failed(exc, "reading the schedule")
             return []
         return due
@@ -135,7 +135,9 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             claimed = self.conn.set(
                 tick_key(self.queue_key, task_name, minute), 1, nx=True, ex=TICK_TTL_S
             )
-        except UNAVAILABLE as exc:
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
             self.outage.failed(exc, "scheduling periodic tasks")
             return False
         return bool(claimed)
@@ -233,10 +235,11 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         while not self._stop_renewing.wait(interval_s):
             try:
                 self.renew()
-            except UNAVAILABLE as exc:
-                self.outage.failed(exc, "renewing leases")
             except redis.RedisError as exc:
-                logger.warning("renewing leases failed: %s", exc)
+                if unavailable(exc):
+                    self.outage.failed(exc, "renewing leases")
+                else:
+                    logger.warning("renewing leases failed: %s", exc)
 
     def renew(self) -> None:
         """Extend the leases of every task this process is running (each heartbeat)."""

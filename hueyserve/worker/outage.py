@@ -9,6 +9,7 @@ over ten thousand lines. They report here instead, and only a change of state is
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -16,15 +17,21 @@ import redis
 
 logger = logging.getLogger(__name__)
 
-#: What an unreachable (or too slow) Redis raises, or a full one (maxmemory under noeviction)
-#: refusing a write; anything else is a real error.
-UNAVAILABLE = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    ConnectionError,
-    TimeoutError,
-    redis.exceptions.OutOfMemoryError,
-)
+#: What an unreachable (or too slow) Redis raises.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """A write refused at maxmemory under noeviction: redis-py's OutOfMemoryError, or inside
+    a Lua script, where Redis 6 reports it as a script error."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Redis is unreachable or refuses writes; anything else is a real error."""
+    return isinstance(exc, UNREACHABLE) or refuses_writes(exc)
 
 
 class RedisOutage:
@@ -40,8 +47,7 @@ class RedisOutage:
     def __init__(self, settle_s: float = 2.0) -> None:
         self.settle_s = settle_s
         self._down_since: float | None = None
-        self._last_failure = 0.0
-        self._refusing = False  #: the last failure was a refused write
+        self._last_refusal = -math.inf  #: when a write was last refused
         self._lock = threading.Lock()
 
     @property
@@ -50,29 +56,28 @@ class RedisOutage:
 
     @property
     def refusing_writes(self) -> bool:
-        return self._down_since is not None and self._refusing
+        """A write was refused within `settle_s` (a timeout meanwhile does not end that)."""
+        return time.monotonic() - self._last_refusal < self.settle_s
 
     def failed(self, exc: BaseException, doing: str) -> None:
         """`doing` failed for want of Redis; logged only if Redis was up until now."""
-        refused = isinstance(exc, redis.exceptions.OutOfMemoryError)
+        refused = refuses_writes(exc)
         with self._lock:
-            self._last_failure, self._refusing = time.monotonic(), refused
+            now = time.monotonic()
+            if refused:
+                self._last_refusal = now
             if self._down_since is not None:
                 return
-            self._down_since = self._last_failure
+            self._down_since = now
         why = "refuses writes" if refused else "is unreachable"
         logger.error("Redis %s (%s: %s); waiting for it", why, doing, exc)
 
     def reached(self) -> None:
-        """A write went through: Redis is back (once no write failed for `settle_s`, after
-        refused writes)."""
+        """A write went through: Redis is back (once none was refused for `settle_s`)."""
         if self._down_since is None:  # the usual case, without taking the lock
             return
         with self._lock:
-            now = time.monotonic()
-            if self._down_since is None:
+            if self._down_since is None or self.refusing_writes:
                 return
-            if self._refusing and now - self._last_failure < self.settle_s:
-                return
-            lasted_s, self._down_since = now - self._down_since, None
+            lasted_s, self._down_since = time.monotonic() - self._down_since, None
         logger.warning("Redis is available again after %.1f s", lasted_s)

@@ -58,7 +58,7 @@ class WorkerProcess:
             conn,
             interval_s=settings.heartbeat_interval_s,
             ttl_s=settings.heartbeat_ttl_s,
-            proof=secret_proof(settings.secret.get_secret_value() if settings.secret else None),
+            proof=secret_proof(settings.secret_value()),
             on_beat=self.after_heartbeat,
             outage=huey.storage.outage,
         )
