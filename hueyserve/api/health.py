@@ -7,6 +7,7 @@ from typing import Any
 
 from hueyserve import metrics
 from hueyserve.api.catalog import ModelCatalog
+from hueyserve.api.probes import RedisProbe
 from hueyserve.api.queue import TaskQueue
 from hueyserve.cache import PredictionCache
 from hueyserve.errors import ServiceError
@@ -31,16 +32,15 @@ class HealthService:
         self.queue = queue
         self.catalog = catalog
         self.cache = cache
-        self.proof = secret_proof(
-            settings.secret_value()
-        )  #: what a worker sharing our secret shows
+        self.proof = secret_proof(settings.secret_value())  #: what workers sharing it show
+        self.redis = RedisProbe(queue.client, queue.storage.queue_key)
         self._priorities_seen: set[int] = set()
 
     async def readiness(self) -> list[str]:
         """Why this server is not ready; an empty list means ready."""
         reasons = []
         try:
-            await self.queue.ping_ms()
+            await self.redis.ping_ms()
             if not self.queue.results.connected.is_set():  # sync calls would get 503s
                 reasons.append(
                     "not subscribed to result notifications yet (Redis was just unreachable)"
@@ -54,7 +54,7 @@ class HealthService:
                     "HUEYSERVE_SECRET, so none can read its tasks: set the same secret (or "
                     "none) on the API and every worker"
                 )
-            eviction = eviction_problem(await self.queue.eviction_policy())
+            eviction = eviction_problem(await self.redis.eviction_policy())
             if eviction:
                 reasons.append(eviction)
         except ServiceError as exc:
@@ -79,7 +79,7 @@ class HealthService:
     async def _workers(self) -> tuple[dict[str, float], dict[str, float]]:
         """Every live worker, and those sharing this API's secret, from one read."""
         now = time.time()
-        beats = await self.queue.heartbeats(since=now - self.settings.heartbeat_ttl_s)
+        beats = await self.redis.heartbeats(since=now - self.settings.heartbeat_ttl_s)
         alive = {worker: round(now - beat, 3) for worker, _, beat in beats}
         # "": a worker of an older release, which shows no proof: cannot tell, so trust it
         sharing = {w: alive[w] for w, proof, _ in beats if proof in (self.proof, "")}
@@ -92,7 +92,7 @@ class HealthService:
             self.settings.async_priority,
             self.settings.train_priority,
         }
-        depth = await self.queue.depth_by_priority({*PRIORITY_LEVELS, *configured})
+        depth = await self.redis.depth_by_priority({*PRIORITY_LEVELS, *configured})
         # The default priorities always have a series (0 while empty), so a dashboard plots
         # an empty queue; others once they were seen, then 0 once drained.
         for priority in (self._priorities_seen | configured) - set(depth):
@@ -107,8 +107,8 @@ class HealthService:
         try:
             redis_info = {
                 "ok": True,
-                "latency_ms": round(await self.queue.ping_ms(), 3),
-                "queue_depth": await self.queue.depth(),
+                "latency_ms": round(await self.redis.ping_ms(), 3),
+                "queue_depth": await self.redis.depth(),
                 "workers": await self.workers(all_secrets=True),
             }
         except ServiceError as exc:

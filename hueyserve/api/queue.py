@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -38,11 +38,9 @@ from hueyserve.wire import (
     CANCEL_SCRIPT,
     DOORBELL_TOKENS,
     ENQUEUE_SCRIPT,
-    HEARTBEATS_KEY,
     doorbell_key,
     idempotency_key,
     job_key,
-    parse_heartbeat_member,
     queue_entry,
     queue_score,
     revoke_id,
@@ -267,45 +265,3 @@ class TaskQueue:
     async def remove_entry(self, entry: bytes) -> None:
         async with redis_errors():
             await self.client.zrem(self.storage.queue_key, entry)
-
-    async def ping_ms(self) -> float:
-        start = time.perf_counter()
-        async with redis_errors():
-            await self.client.ping()
-        return (time.perf_counter() - start) * 1000
-
-    async def depth_by_priority(self, levels: Iterable[int]) -> dict[int, int]:
-        """Waiting tasks at each priority level that has any (scores are negated priorities);
-        one ZCOUNT per level in one round trip, however long the queue."""
-        levels = sorted(set(levels))
-        async with redis_errors(), self.client.pipeline(transaction=False) as pipe:
-            for level in levels:
-                pipe.zcount(self.storage.queue_key, -level, -level)
-            counts = await pipe.execute()
-        return {level: int(n) for level, n in zip(levels, counts, strict=True) if n}
-
-    async def eviction_policy(self) -> str | None:
-        """Redis's `maxmemory-policy`, or None when CONFIG is refused (managed services)."""
-        try:
-            found = await self.client.config_get("maxmemory-policy")
-        except redis.ResponseError:
-            return None
-        except (redis.RedisError, OSError, TimeoutError) as exc:
-            raise RedisUnavailable(exc) from exc
-        return str(found.get("maxmemory-policy")) if found else None
-
-    async def depth(self) -> int:
-        async with redis_errors():
-            return int(await self.client.zcard(self.storage.queue_key))
-
-    async def heartbeats(self, since: float) -> list[tuple[str, str, float]]:
-        """Workers that reported in since `since` (unix time): id, secret proof, last beat."""
-        async with redis_errors():
-            beats: list[Any] = await self.client.zrangebyscore(
-                HEARTBEATS_KEY, since, "+inf", withscores=True
-            )
-        found = []
-        for member, score in beats:
-            worker, proof = parse_heartbeat_member(bytes(member).decode())
-            found.append((worker, proof, float(score)))
-        return found
