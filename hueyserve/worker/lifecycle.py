@@ -50,6 +50,7 @@ from hueyserve.settings import Settings
 from hueyserve.wire import Members, job_ids, job_key, message_of, reply_to, result_message
 from hueyserve.worker.batching import Answer
 from hueyserve.worker.leases import LeasingStorage
+from hueyserve.worker.outage import unavailable
 from hueyserve.worker.records import JobRecorder
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,12 @@ class JobLifecycle:
             return
         try:
             started = self.records.start(*job_ids(task), ttl_s=self._ttl(task))
-        except Exception:  # Huey would log it and run the task anyway: stop it instead
-            logger.exception("task %s not started: its jobs cannot be marked running", task.id)
+        except Exception as exc:  # Huey would log it and run the task anyway: stop it instead
+            if unavailable(exc):  # said once per outage; the other threads wait meanwhile
+                self.storage.outage.failed(exc, "marking jobs running")
+                logger.info("task %s not started: Redis is unavailable", task.id)
+            else:
+                logger.exception("task %s not started: its jobs cannot be marked running", task.id)
             self._abandoned.add(task.id)  # its lease lapses and a reaper queues it again
             raise CancelExecution(retry=False) from None
         if not started:
@@ -141,7 +146,12 @@ class JobLifecycle:
                     self.records.done(job_id, pipe=pipe, ttl_s=ttl)
                     value = answer
                 self._store_result(pipe, job_id, value, reply_to(task), ttl)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except Exception as exc:  # the task fails and is retried, or its lease lapses
+                if unavailable(exc):
+                    self.storage.outage.failed(exc, "storing results")  # the others wait
+                raise
         metrics.JOBS.labels(task.name, "done").inc(len(members) - failed)
         if failed:
             metrics.JOBS.labels(task.name, "failed").inc(failed)
