@@ -68,7 +68,8 @@ class RequestGuard:
         # (an outer guard's word stands).
         state = scope.setdefault("state", {})
         state.setdefault(CALLER, caller)
-        if key is not None and caller is not None:
+        if key is not None and caller is not None and b"idempotency-key" in headers:
+            # Only idempotency keys use it, so only they pay for it (not every request).
             # Keyed with the secret: a Redis reader cannot test guesses of an API key.
             key_id = hmac.new(self.key_salt, key.encode("latin-1"), hashlib.sha256)
             state.setdefault(KEY_ID, key_id.hexdigest()[:16])
