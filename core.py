@@ -1,13 +1,13 @@
 """The Huey instance and every task. Workers run: `huey_consumer core.huey -k thread -w 8`.
 
 Tasks: `predict` (per request or group of requests), `train` (a new version, low priority),
-`reload_model` (make a version active now), and the periodic `refresh_models` and
-`retrain_models`. What a worker process holds is hueyserve.worker.process; what Huey's events
-do to jobs is hueyserve.worker.lifecycle.
+`reload_model` (make a version active now), `import_model` and `delete_model` (the catalog),
+and the periodic `refresh_models` and `retrain_models`. What a worker process holds is
+hueyserve.worker.process; what Huey's events do to jobs is hueyserve.worker.lifecycle.
 
 Importing this module builds `huey` and empty in-process state; it connects to nothing and
-loads no model. The worker's heartbeat bootstraps the demo models, publishes them and keeps
-the active versions loaded.
+loads no model. The worker's heartbeat bootstraps the demo models (once per deployment),
+imports folders dropped into this host's store and keeps the active versions loaded.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from redis import ConnectionPool
 
 from hueyserve import wire
 from hueyserve.jobs import RELOAD_PRIORITY, JobKind
+from hueyserve.models import ModelEntry
 from hueyserve.serializer import JsonSerializer
 from hueyserve.settings import settings
 from hueyserve.training import TrainPlan
-from hueyserve.worker.fitting import TrainingLost, ensure_demo_models
+from hueyserve.worker.fitting import TrainingLost
 from hueyserve.worker.leases import LeasingStorage
 from hueyserve.worker.process import WorkerProcess
 
@@ -123,7 +124,7 @@ def train(name: str, plan: TrainPlan, task: Task) -> dict[str, Any]:
         except TrainingLost as lost:  # presumed dead meanwhile: run the job again, not fail it
             worker.records.retrying(task.id, str(lost))
             raise RetryTask(delay=TRAINING_RETRY_S) from lost
-    entry = worker.promoter.publish_new(name)  # loads it here first: no request waits for it
+    entry = worker.promoter.entry(name)
     worker.records.done(task.id, version=version)
     model = entry.get(version)
     return {
@@ -140,6 +141,8 @@ def reload_model(
     name: str, version: str | None, reply_to: str | None = None, *, task: Task
 ) -> dict[str, Any]:
     """Make `version` active (pinned), or the newest (unpinned) when None."""
+    if version is None:  # "the newest": a folder just dropped into this host's store too
+        worker.repository.sync_local()
     previous, entry = worker.promoter.promote(name, version)
     worker.records.done(task.id)
     return {
@@ -150,12 +153,61 @@ def reload_model(
     }
 
 
+@huey.task(priority=RELOAD_PRIORITY, name=JobKind.IMPORT.value, context=True)
+def import_model(
+    name: str,
+    metadata: dict[str, Any],
+    activate: bool = True,
+    reply_to: str | None = None,
+    *,
+    task: Task,
+) -> dict[str, Any]:
+    """A version imported through the API: its files fetched (Redis or its URI) and checked
+    against their SHA-256, loaded, its signature checked and its example answered; only then
+    is it given the next number and (with `activate`, unless pinned) made active."""
+    entry, model = worker.repository.import_version(name, metadata, activate=activate)
+    worker.records.done(task.id, version=model.version)
+    return version_summary(entry, model.version)
+
+
+@huey.task(priority=RELOAD_PRIORITY, name=JobKind.DELETE.value, context=True)
+def delete_model(
+    name: str, version: str | None, reply_to: str | None = None, *, task: Task
+) -> dict[str, Any]:
+    """Delete a version (not the active one) or, with None, the whole model; frees the
+    artifacts no other version uses."""
+    entry = worker.repository.delete(name, version)
+    worker.registry.forget(name, version)
+    worker.records.done(task.id)
+    return {
+        "model_name": name,
+        "deleted_version": version,
+        "versions": entry.version_list() if entry else [],
+        "active_version": entry.active if entry else None,
+    }
+
+
+def version_summary(entry: ModelEntry, version: str) -> dict[str, Any]:
+    metadata = entry.versions[version]
+    return {
+        "model_name": entry.name,
+        "model_version": version,
+        "active_version": entry.active,
+        "pinned": entry.pinned,
+        "runtime": metadata.get("runtime"),
+        "inputs": metadata.get("inputs"),
+        "outputs": metadata.get("outputs"),
+        "files": metadata.get("files"),
+    }
+
+
 @huey.periodic_task(crontab(*settings.refresh_cron.split()), priority=100, name="refresh_models")
 def refresh_models() -> dict[str, str]:
-    """Publish every model in the store with its newest version active (unless pinned);
-    returns the models whose active version changed."""
-    ensure_demo_models(worker.store, settings.dataset_dir)
-    return worker.promoter.refresh()
+    """Import the versions found in this host's model folder that the deployment never had,
+    and create the demo models once per deployment; returns {name: version} imported."""
+    imported = worker.repository.sync_local()
+    worker.repository.ensure_demos(settings.dataset_dir)
+    return imported
 
 
 def _retrain_due(moment: Any) -> bool:
@@ -166,6 +218,4 @@ def _retrain_due(moment: Any) -> bool:
 def retrain_models() -> dict[str, Any]:
     """HUEYSERVE_RETRAIN_CRON: train each model again on its data source when the data changed
     since its newest version, then refresh (a pinned model keeps its version)."""
-    retrained = worker.trainer.retrain(set(settings.retrain_models.split(",")) - {""})
-    worker.promoter.refresh(list(retrained))
-    return retrained
+    return worker.trainer.retrain(set(settings.retrain_models.split(",")) - {""})

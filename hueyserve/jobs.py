@@ -22,6 +22,8 @@ class JobKind(StrEnum):
     PREDICT = "predict"
     TRAIN = "train"
     RELOAD = "reload_model"
+    IMPORT = "import_model"
+    DELETE = "delete_model"
 
 
 class JobStatus(StrEnum):

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 
 from hueyserve.errors import VersionNotFound
@@ -47,7 +48,11 @@ class ModelVersion:
 
     @property
     def n_features(self) -> int:
-        return int(self.metadata["n_features"])
+        """Values per row of a numeric input (1 for text: one string per row)."""
+        if "n_features" in self.metadata or not self.metadata.get("inputs"):
+            return int(self.metadata["n_features"])
+        shape = self.metadata["inputs"][0]["shape"]
+        return int(shape[1]) if len(shape) == 2 and not self.takes_text else 1
 
     @property
     def features(self) -> list[str]:
@@ -58,6 +63,15 @@ class ModelVersion:
         """Input tensors (name, datatype, shape); models saved without them take one."""
         default = [{"name": "features", "datatype": "FP64", "shape": [-1, self.n_features]}]
         return list(self.metadata.get("inputs") or default)
+
+    @property
+    def takes_text(self) -> bool:
+        """Its input is text (BYTES): one string per row."""
+        return bool(self.inputs[0]["datatype"] == "BYTES")
+
+    @property
+    def runtime(self) -> str:
+        return str(self.metadata.get("runtime") or "sklearn")
 
     @property
     def outputs(self) -> list[dict[str, Any]]:
@@ -76,6 +90,18 @@ class ModelVersion:
     def classes(self) -> list[Any] | None:
         """Class labels in the order of `predict_proba`, for a classifier."""
         return self.metadata.get("classes")
+
+
+def example_rows(values: Any, datatype: str) -> np.ndarray:
+    """Rows as the wire carries them: a 1-D str array for a text (BYTES) input, else a
+    float64 array (2-D for rows of features)."""
+    if not isinstance(values, list) or not values:
+        raise ValueError("an example input is a non-empty list of rows")
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in values):
+            raise ValueError("a text model's example is a list of strings")
+        return np.asarray(values, dtype=str)
+    return np.asarray(values, dtype=np.float64)
 
 
 def label_datatype(classes: list[Any]) -> str:

@@ -2,9 +2,10 @@
 
 Huey pickles by default, so anyone who can write to Redis runs code in every process that
 reads what they wrote. This serializer writes JSON (orjson) and reads back only the types
-Huey and hueyserve put there: tuples, datetimes, numeric numpy arrays, Huey's `Message` and
-`Error`, a `TrainPlan`. Anything else fails to decode (the consumer logs and drops such a
-message; the API reports such a result as unreadable), and nothing read is ever executed.
+Huey and hueyserve put there: tuples, datetimes, numpy arrays of numbers or text, Huey's
+`Message` and `Error`, a `TrainPlan`. Anything else fails to decode (the consumer logs and
+drops such a message; the API reports such a result as unreadable), and nothing read is ever
+executed.
 
 With HUEYSERVE_SECRET every payload is signed (HMAC-SHA256): a forged or altered message or
 result fails its check. A result is stored with the id of the job it belongs to, inside what
@@ -30,7 +31,8 @@ from huey.utils import Error
 from hueyserve.training import TrainPlan
 
 TAG = "$t"  #: marks an encoded value that JSON has no type for: {TAG: kind, "v": ...}
-NUMERIC_KINDS = frozenset("biufc")  #: numpy dtypes a message may hold: no objects, no strings
+#: numpy dtypes a message may hold: numbers and fixed-width text (a text model's rows), no objects
+ARRAY_KINDS = frozenset("biufcU")
 INT64 = range(-(2**63), 2**63)  # orjson's integers; larger ones travel as text
 SIGNED = b"hs1:"  #: prefix of a signed payload: SIGNED + hex HMAC + ":" + JSON
 _PLAN_FIELDS = frozenset(field.name for field in fields(TrainPlan))
@@ -126,8 +128,8 @@ def encode(value: Any) -> Any:
     if isinstance(value, tuple):
         return {TAG: "tuple", "v": [encode(item) for item in value]}
     if isinstance(value, np.ndarray):
-        if value.dtype.kind not in NUMERIC_KINDS:
-            raise TypeError(f"only numeric arrays travel through Redis, not {value.dtype}")
+        if value.dtype.kind not in ARRAY_KINDS:
+            raise TypeError(f"only arrays of numbers or text travel, not {value.dtype}")
         data = base64.b64encode(np.ascontiguousarray(value).tobytes()).decode()
         return {TAG: "array", "v": [value.dtype.str, list(value.shape), data]}
     if isinstance(value, datetime.datetime):
@@ -182,8 +184,8 @@ def decode(value: Any) -> Any:
 
 def _array(dtype: str, shape: list[int], data: str) -> np.ndarray:
     kind = np.dtype(str(dtype))
-    if kind.kind not in NUMERIC_KINDS:
-        raise ValueError(f"only numeric arrays are read from Redis, not {kind}")
+    if kind.kind not in ARRAY_KINDS:
+        raise ValueError(f"only arrays of numbers or text are read from Redis, not {kind}")
     # A bytearray, so the array is writable as an unpickled one was.
     raw = bytearray(base64.b64decode(str(data), validate=True))
     return np.frombuffer(raw, dtype=kind).reshape([int(n) for n in shape])

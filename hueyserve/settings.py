@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -118,7 +118,33 @@ class Settings(BaseSettings):
     )
 
     # --- Models and cache ----------------------------------------------------------------
-    model_dir: Path = Field(Path("models"), description="Model store: <dir>/<name>/<version>/.")
+    model_dir: Path = Field(
+        Path("models"),
+        description="Workers: this host's model folder, <dir>/<name>/<version>/: a cache of the "
+        "catalog in Redis, and where a folder dropped by hand is imported from.",
+    )
+    max_artifact_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Largest model import through Redis, all files together (413 past); "
+        "larger models come from a URI (metadata `uri`).",
+    )
+    trusted_types: str = Field(
+        "",
+        description="Comma-separated extra types a skops file may hold (e.g. a custom "
+        "transformer's module.Class); only for model files whose origin you trust.",
+    )
+    allow_python_models: bool = Field(
+        False,
+        description="Workers: serve `python` runtime models, whose model.py runs in the worker "
+        "with its rights. Off: such models are refused.",
+    )
+    import_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="API: how long an import or a delete waits for the worker that checks it.",
+    )
     refresh_cron: str = Field("* * * * *", description="Crontab (m h dom mon dow): refresh.")
     cache_size: int = Field(10_000, ge=0, description="LRU entries (API and each worker); 0 = off.")
     max_sync_waiters: int = Field(
@@ -178,6 +204,13 @@ class Settings(BaseSettings):
         description="Workers: level of the `huey` logger, which writes two INFO lines per task "
         "(WARNING drops them, as `huey_consumer -q` does). Unset: the consumer's own.",
     )
+
+    def runtime_options(self) -> dict[str, Any]:
+        """What the runtimes may read of the settings (hueyserve.worker.runtimes)."""
+        return {
+            "trusted_types": [t.strip() for t in self.trusted_types.split(",") if t.strip()],
+            "allow_python": self.allow_python_models,
+        }
 
     def keys(self, scope: str) -> frozenset[str]:
         """The configured keys of a scope ("api" or "admin")."""

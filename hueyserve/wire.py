@@ -17,6 +17,9 @@ modules (hueyserve.worker) both import it; neither imports the other.
 | `hueyserve:results:<api process>`    | channel | workers               | that API process      |
 | `hueyserve:models` (+ `:changed`)    | HASH    | workers               | API, workers          |
 | `hueyserve:models:lock`              | lock    | workers               | workers               |
+| `hueyserve:models:versions`          | HASH    | workers               | workers               |
+| `hueyserve:models:demos`             | SET     | workers               | workers               |
+| `hueyserve:artifact:<sha256>`        | STRING  | API, workers          | workers               |
 | `hueyserve:workers`                  | ZSET    | workers (heartbeat)   | API (readiness)       |
 | `hueyserve:training`                 | lock    | workers               | workers               |
 """
@@ -38,6 +41,10 @@ RESULT_CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process: wake-
 MODELS_KEY = "hueyserve:models"  #: hash: name -> ModelEntry JSON (hueyserve.models)
 MODELS_CHANNEL = "hueyserve:models:changed"  #: pub/sub: the same JSON on every change
 MODELS_LOCK_KEY = "hueyserve:models:lock"  #: held by a worker while it changes an entry
+#: hash: name -> the highest version ever allocated to it, in the whole deployment
+VERSIONS_KEY = "hueyserve:models:versions"
+DEMOS_KEY = "hueyserve:models:demos"  #: set: demo models created once in this deployment
+ARTIFACT_PREFIX = "hueyserve:artifact:"  #: + SHA-256 -> a model file's bytes
 HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker|proof -> time of its last beat
 TRAINING_LOCK_KEY = "hueyserve:training"  #: one training at a time across every worker
 DOORBELL_TOKENS = 1024  #: most tokens kept: idle workers wake at most this often for nothing
@@ -75,6 +82,10 @@ def parse_heartbeat_member(member: str) -> tuple[str, str]:
     """(worker id, secret proof); a member from before proofs has the proof ''."""
     worker, _, proof = member.rpartition("|")
     return (worker, proof) if worker else (member, "")
+
+
+def artifact_key(digest: str) -> str:
+    return ARTIFACT_PREFIX + digest
 
 
 def job_key(job_id: str) -> str:
@@ -199,6 +210,21 @@ redis.call('LPUSH', KEYS[3], 1)
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
 return ARGV[5]
+"""
+
+#: Workers. KEYS: the versions hash. ARGV: the model's name, a version number or '' for the
+#: next. Allocates the next version of the model, or claims the one given if it is above every
+#: version ever allocated (a folder dropped into a host's store); answers it, or 0.
+ALLOCATE_VERSION_SCRIPT = """
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if ARGV[2] == '' then
+    redis.call('HSET', KEYS[1], ARGV[1], last + 1)
+    return last + 1
+end
+local wanted = tonumber(ARGV[2])
+if wanted <= last then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], wanted)
+return wanted
 """
 
 #: API. KEYS: the job record, Huey's revoke key for the task. ARGV: now, revoke value, ttl.

@@ -149,7 +149,7 @@ def serve_model(
 
     def serve(name: str, estimator: Any, *, n_features: int, client: TestClient) -> None:
         metadata = {"n_features": n_features, "features": [f"x{i}" for i in range(n_features)]}
-        core.worker.registry.register(LoadedModel(name, "1", estimator, metadata))
+        core.worker.registry.register(LoadedModel.from_estimator(name, "1", estimator, metadata))
         publish(redis_conn, ModelEntry(name, "1", {"1": metadata}))
         names.append(name)
         catalog = services_of(client).catalog

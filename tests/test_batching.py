@@ -273,7 +273,7 @@ def test_a_group_is_one_task_and_each_request_keeps_its_own_job(
     model = RecordingModel()
     model.release.set()
     metadata = {"n_features": 1, "features": ["x0"]}
-    core.worker.registry.register(LoadedModel("group", "1", model, metadata))
+    core.worker.registry.register(LoadedModel.from_estimator("group", "1", model, metadata))
     publishing.publish(redis_conn, models.ModelEntry("group", "1", {"1": metadata}))
 
     async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], int]:

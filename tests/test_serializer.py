@@ -68,8 +68,14 @@ def test_anything_else_is_refused(payload: bytes) -> None:
 def test_what_cannot_travel_fails_where_it_is_written() -> None:
     with pytest.raises(TypeError, match="cannot travel"):
         JsonSerializer().serialize({"x": object()})
-    with pytest.raises(TypeError, match="numeric"):
+    with pytest.raises(TypeError, match="numbers or text"):
         JsonSerializer().serialize(np.array(["text"], dtype=object))
+
+
+def test_text_rows_travel_as_fixed_width_text() -> None:
+    rows = np.array(["a good film", "é ✓", ""])
+    back = JsonSerializer("s").deserialize(JsonSerializer("s").serialize({"rows": rows}))["rows"]
+    assert back.dtype == rows.dtype and back.tolist() == rows.tolist()
 
 
 def test_with_a_secret_only_signed_payloads_of_the_same_secret_read() -> None:

@@ -22,8 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -66,11 +67,35 @@ class _Slot:
 CallObserver = Callable[[int, int, float], None]
 
 
+def answer_parts(
+    model: LoadedModel, parts: list[np.ndarray], on_call: CallObserver | None = None
+) -> list[Answer]:
+    """Each part's answer: its own preprocess, then one batched predict for all of them
+    (`predict_parts`), then its own postprocess. A part that fails in either of its own steps
+    fails alone, before or after the others' shared call."""
+    answers: list[Answer | None] = [None] * len(parts)
+    prepared: list[tuple[int, np.ndarray]] = []
+    for index, part in enumerate(parts):
+        try:
+            prepared.append((index, model.prepare(part)))
+        except Exception as exc:
+            answers[index] = exc
+    computed = predict_parts(model.predict, [rows for _, rows in prepared], on_call)
+    for (index, _), answer in zip(prepared, computed, strict=True):
+        if not isinstance(answer, Exception):
+            try:
+                answer = model.finish(answer)
+            except Exception as exc:
+                answer = exc
+        answers[index] = answer
+    return cast(list[Answer], answers)
+
+
 def predict_parts(
-    predict: Callable[[np.ndarray], Outputs],
+    predict: Callable[[np.ndarray], Any],
     parts: list[np.ndarray],
     on_call: CallObserver | None = None,
-) -> list[Answer]:
+) -> list[Any]:
     """Each part's outputs from one call on all of them; if it fails, each half again, until
     a bad part is alone and gets its own error."""
     if not parts:
@@ -211,7 +236,7 @@ class Batcher:
             return
         parts = [part for slot in batch for part in slot.parts]
         calls: list[tuple[int, int, float]] = []
-        answers = predict_parts(model.predict, parts, lambda *call: calls.append(call))
+        answers = answer_parts(model, parts, lambda *call: calls.append(call))
         start = 0
         for slot in batch:  # first: nothing below may cost a task its answers
             slot.finish(answers[start : start + len(slot.parts)], None)
@@ -229,7 +254,7 @@ class Batcher:
                 logger.exception("batch observer failed")
 
 
-def split_rows(outputs: Outputs, sizes: list[int]) -> list[Outputs]:
+def split_rows(outputs: Mapping[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
     """Outputs of stacked inputs, cut back into one part per input of the given row counts."""
     parts, start = [], 0
     for size in sizes:
@@ -264,7 +289,7 @@ class Batchers:
             loaded = self.load(model, version)
         except Exception as exc:
             return [exc] * len(parts)
-        return predict_parts(loaded.predict, parts)
+        return answer_parts(loaded, parts)
 
     def predict(self, model: str, version: str, features: np.ndarray) -> Outputs:
         """The outputs for `features` as one part; its error is raised."""

@@ -11,9 +11,11 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
+import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import threading
 import time
@@ -30,17 +32,18 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_sc
 from sklearn.model_selection import train_test_split
 
 from hueyserve import datasets
+from hueyserve.artifacts import METADATA_FILE
 from hueyserve.models import label_datatype
 from hueyserve.training import DEMOS, TrainingError, TrainPlan, build_estimator
 from hueyserve.wire import TRAINING_LOCK_KEY
-from hueyserve.worker.store import ModelStore
+from hueyserve.worker.publishing import entries
+from hueyserve.worker.store import STAGING_DIR, ModelStore, write_estimator
 
 if TYPE_CHECKING:  # the training child imports this module and needs no settings
     from hueyserve.settings import Settings
+    from hueyserve.worker.repository import ModelRepository
 
 logger = logging.getLogger(__name__)
-
-BOOTSTRAPPED_FILE = ".demos"  #: in the store root: demo models already created once
 
 
 def train(plan: TrainPlan, data_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -134,22 +137,23 @@ class Owner:
             )
 
 
-def train_and_save(
-    store: ModelStore, name: str, plan: TrainPlan, data_dir: Path, owner: Owner | None = None
+def train_to_folder(
+    store: ModelStore, plan: TrainPlan, data_dir: Path, owner: Owner | None = None
 ) -> str:
-    """Train a new version of `name` and write it to the store, if it is still `owner`'s
-    training; returns its version."""
+    """Train a version as planned and write it to a staging folder of the store, if it is
+    still `owner`'s training; the folder's path (the caller adds it to the catalog)."""
     estimator, metadata = train(plan, data_dir)
     if owner is not None:
         owner.check()
-    version = store.save(name, estimator, metadata)
-    logger.info("trained %s version %s: %s", name, version, metadata["metrics"])
-    return version
+    folder = store.root / STAGING_DIR / f"trained-{os.getpid()}-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    write_estimator(folder, estimator, metadata)
+    logger.info("trained %s on %s: %s", plan.estimator, plan.dataset, metadata["metrics"])
+    return str(folder)
 
 
 def train_in_child(
     store: ModelStore,
-    name: str,
     plan: TrainPlan,
     data_dir: Path,
     *,
@@ -157,17 +161,17 @@ def train_in_child(
     timeout_s: float,
     owner: Owner | None = None,
 ) -> str:
-    """`train_and_save` in a fresh process at a lower CPU priority, stopped after `timeout_s`.
+    """`train_to_folder` in a fresh process at a lower CPU priority, stopped after `timeout_s`.
     Fitting and saving hold the GIL for long stretches; in a child they cannot slow the
     predictions this worker process serves, and the OS gives predictions the cores first.
     The child dies with this worker thread (a killed consumer leaves no fit running)."""
     if multiprocessing.current_process().daemon:
         # `huey_consumer -k process`: a daemon may not start children, and this worker is a
         # process of its own anyway, so no other worker shares its GIL.
-        return train_and_save(store, name, plan, data_dir, owner)
+        return train_to_folder(store, plan, data_dir, owner)
     context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded process
     with context.Pool(1, initializer=_start_child, initargs=(niceness, os.getpid())) as child:
-        pending = child.apply_async(train_and_save, (store, name, plan, data_dir, owner))
+        pending = child.apply_async(train_to_folder, (store, plan, data_dir, owner))
         try:
             return str(pending.get(timeout_s))
         except multiprocessing.TimeoutError:
@@ -195,51 +199,54 @@ def _start_child(niceness: int, parent: int) -> None:
 
 
 def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:
-    """Train and save each demo model this store has never had (first start, or a store from
-    a release with fewer demos). A demo deleted on purpose is not trained again."""
-    with store.lock():  # several workers may start at once: one trains, the others wait
-        marker = store.root / BOOTSTRAPPED_FILE
-        done = set(marker.read_text().split()) if marker.exists() else set()
+    """Train each demo model into a folder that lacks it, as if dropped there by hand (tests
+    and benchmarks; a deployment's workers create them once through the catalog instead)."""
+    with store.lock():
         for name, demo in DEMOS.items():
-            if name in done or store.latest(name) is not None:
-                continue
-            logger.info("model store %s has no %s: training the demo model", store.root, name)
-            estimator, metadata = train(demo, data_dir)
-            version = store.add_version(name, estimator, metadata)
-            logger.info("saved %s version %s: %s", name, version, metadata["metrics"])
-        if not set(DEMOS) <= done:
-            marker.write_text("\n".join(sorted(done | set(DEMOS))) + "\n")
+            if store.latest(name) is None:
+                estimator, metadata = train(demo, data_dir)
+                with store.staging() as staging:
+                    write_estimator(staging, estimator, {**metadata, "name": name})
+                    store.install(name, "1", staging)
 
 
 class Trainer:
     """One worker process's trainings: one at a time across every worker, each in a child."""
 
-    def __init__(self, conn: redis.Redis, store: ModelStore, settings: Settings) -> None:
+    def __init__(self, conn: redis.Redis, repository: ModelRepository, settings: Settings) -> None:
         self.conn = conn
-        self.store = store
+        self.repository = repository
         self.settings = settings
 
     def train(self, name: str, plan: TrainPlan, owner: Owner) -> str:
-        """Fit and save a new version of `name` in a child process, while `owner` (what
-        `slot` yielded) still holds the training lock; its number."""
-        return train_in_child(
-            self.store,
-            name,
-            plan,
-            self.settings.dataset_dir,
-            niceness=self.settings.train_niceness,
-            timeout_s=self.settings.train_timeout_s,
-            owner=owner,
+        """Fit a new version of `name` in a child process, while `owner` (what `slot` yielded)
+        still holds the training lock, and add it to the catalog (checked like an import;
+        active unless an operator pinned another); its number."""
+        folder = Path(
+            train_in_child(
+                self.repository.store,
+                plan,
+                self.settings.dataset_dir,
+                niceness=self.settings.train_niceness,
+                timeout_s=self.settings.train_timeout_s,
+                owner=owner,
+            )
         )
+        try:
+            metadata = json.loads((folder / METADATA_FILE).read_text())
+            entry, _ = self.repository.add(name, folder, metadata)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return max(entry.versions, key=int)
 
     def retrain(self, wanted: set[str]) -> dict[str, str]:
         """Train each model (of `wanted`, or all) again on its data source when the data
         changed since its newest version; {name: new version}."""
         retrained: dict[str, str] = {}
-        for name in self.store.names():
+        for name, entry in sorted(entries(self.conn).items()):
             if wanted and name not in wanted:
                 continue
-            newest = self.store.metadata(name, self.store.versions(name)[-1])
+            newest = entry.versions[entry.version_list()[-1]]
             plan = TrainPlan.from_metadata(newest)
             if plan is None:
                 continue  # not trained by hueyserve: no data source to go back to
@@ -247,7 +254,7 @@ class Trainer:
                 fingerprint = datasets.fingerprint(plan.dataset, self.settings.dataset_dir)
                 if fingerprint == newest["training"]["fingerprint"]:
                     logger.info(
-                        "retrain %s: data unchanged since version %s", name, newest["version"]
+                        "retrain %s: data unchanged since version %s", name, newest.get("version")
                     )
                     continue
                 with self.slot(wait_s=self.settings.train_timeout_s) as owner:

@@ -1,4 +1,4 @@
-"""One consumer process's state: its model store and registry, cache, batchers, trainer,
+"""One consumer process's state: its model repository, store and registry, cache, batchers, trainer,
 job lifecycle and heartbeat, built once by core.py (importing connects to nothing and loads
 no model). Huey's startup and shutdown hooks start and stop the background threads."""
 
@@ -12,6 +12,7 @@ import redis
 from huey import Huey
 
 from hueyserve import metrics
+from hueyserve.artifacts import ArtifactStore
 from hueyserve.cache import PredictionCache
 from hueyserve.settings import Settings
 from hueyserve.wire import eviction_problem, secret_proof
@@ -24,6 +25,7 @@ from hueyserve.worker.predicting import Predictor
 from hueyserve.worker.publishing import Promoter, entries
 from hueyserve.worker.records import JobRecorder
 from hueyserve.worker.registry import ModelRegistry
+from hueyserve.worker.repository import ModelRepository
 from hueyserve.worker.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,14 @@ class WorkerProcess:
         self.refresh = refresh
         conn = huey.storage.conn
         self.store = ModelStore(settings.model_dir)
-        self.registry = ModelRegistry(self.store)
-        self.promoter = Promoter(conn, self.store, self.registry)
+        self.repository = ModelRepository(
+            conn,
+            self.store,
+            ArtifactStore(conn, max_bytes=settings.max_artifact_bytes),
+            settings.runtime_options(),
+        )
+        self.registry = ModelRegistry(self.repository.load)
+        self.promoter = Promoter(conn, self.registry, self.repository.locked)
         self.cache = PredictionCache(settings.cache_size, where="worker")
         policy = BatchPolicy(
             max_rows=settings.batch_max_rows,
@@ -51,7 +59,7 @@ class WorkerProcess:
         self.predictor = Predictor(
             self.cache, Batchers(self.registry.get, policy, observe=metrics.observe_batch)
         )
-        self.trainer = Trainer(conn, self.store, settings)
+        self.trainer = Trainer(conn, self.repository, settings)
         self.records = JobRecorder(conn, ttl_s=settings.result_ttl_s)
         self.lifecycle = JobLifecycle(huey, self.records, settings)
         self.heartbeat = Heartbeat(
@@ -114,6 +122,4 @@ class WorkerProcess:
             self.refresh()
             published = entries(conn)
             self._published.set()
-        on_disk = self.store.names()
-        active = {(e.name, e.active) for e in published.values() if e.name in on_disk}
-        self.registry.keep_active(active)
+        self.registry.keep_active({(e.name, e.active) for e in published.values()})

@@ -1,9 +1,10 @@
-"""The model store on disk: `<model_dir>/<name>/<version>/{model.skops,metadata.json}`.
+"""One host's model folder: `<model_dir>/<name>/<version>/` holding a version's artifacts and
+its `metadata.json` (hueyserve.artifacts). It is a cache of the catalog in Redis
+(hueyserve.worker.repository), and the place to drop a folder by hand: the refresh imports a
+version it finds here that the deployment has never allocated.
 
-Versions are positive integers; the highest complete one is the newest. A version directory is
-written under a temporary name and renamed into place, so a reader never sees half a model.
-Artifacts load only through skops with an explicit list of trusted types: a file that needs
-anything else is refused, never unpickled.
+A folder is written under a temporary name and renamed into place, so a reader never sees half
+a version; one whose files no longer match the catalog is moved aside, never deleted.
 """
 
 from __future__ import annotations
@@ -12,32 +13,33 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import skops.io
 
+from hueyserve.artifacts import METADATA_FILE, RUNTIME_ARTIFACTS
 from hueyserve.models import MODEL_NAME, VERSION
 
-ARTIFACT_FILE = "model.skops"
-METADATA_FILE = "metadata.json"
+ARTIFACT_FILE = "model.skops"  #: what `save` writes (trained models)
 LOCK_FILE = ".lock"
-HIGH_WATER_DIR = ".last_version"  #: <root>/.last_version/<name>: highest version ever written
+STAGING_DIR = ".staging"  #: folders being written (trainings, fetches)
+REPLACED_DIR = ".replaced"  #: local folders that disagreed with the catalog, kept for a look
+KNOWN_ARTIFACTS = frozenset(name for names in RUNTIME_ARTIFACTS.values() for name in names)
 
-#: Types a model file may contain beyond skops' own safe defaults (numpy, sklearn estimators).
+#: Types a skops file may contain beyond skops' own safe defaults (numpy, sklearn estimators);
+#: operators add more with HUEYSERVE_TRUSTED_TYPES.
 TRUSTED_TYPES: list[str] = [
     "sklearn.tree._tree.Tree",
 ]
 
 
-class UntrustedModelFile(ValueError):
-    """A model file asks for types outside TRUSTED_TYPES."""
-
-
 class ModelStore:
-    """Read and write versioned models under one root directory."""
+    """Read and write versioned model folders under one root directory."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -52,7 +54,7 @@ class ModelStore:
         )
 
     def versions(self, name: str) -> list[str]:
-        """Complete versions of `name`, oldest first."""
+        """Complete versions of `name` (a metadata.json or a known artifact), oldest first."""
         folder = self.root / name
         if not folder.is_dir():
             return []
@@ -60,8 +62,8 @@ class ModelStore:
             p.name
             for p in folder.iterdir()
             if VERSION.fullmatch(p.name)  # a plain number: "007" or "٣" would never be served
-            and (p / ARTIFACT_FILE).is_file()
-            and (p / METADATA_FILE).is_file()
+            and p.is_dir()
+            and any((p / f).is_file() for f in (METADATA_FILE, *KNOWN_ARTIFACTS))
         ]
         return sorted(found, key=int)
 
@@ -69,48 +71,68 @@ class ModelStore:
         versions = self.versions(name)
         return versions[-1] if versions else None
 
+    def folder(self, name: str, version: str) -> Path:
+        return self.root / name / version
+
     def metadata(self, name: str, version: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.root / name / version / METADATA_FILE).read_text())
+        """The folder's metadata.json ({} for a folder dropped without one)."""
+        path = self.folder(name, version) / METADATA_FILE
+        if not path.is_file():
+            return {}
+        data: dict[str, Any] = json.loads(path.read_text())
         return data
 
     def load(self, name: str, version: str) -> Any:
-        """The estimator saved as `name` `version`, loaded with trusted types only."""
-        path = self.root / name / version / ARTIFACT_FILE
-        untrusted = set(skops.io.get_untrusted_types(file=path)) - set(TRUSTED_TYPES)
-        if untrusted:
-            raise UntrustedModelFile(
-                f"{path} needs types that are not trusted: {sorted(untrusted)}; add them to "
-                "hueyserve.worker.store.TRUSTED_TYPES only if you trust the file's origin"
-            )
-        return skops.io.load(path, trusted=TRUSTED_TYPES)
+        """The scikit-learn estimator saved as `name` `version` (trusted types only)."""
+        return skops.io.load(self.folder(name, version) / ARTIFACT_FILE, trusted=TRUSTED_TYPES)
 
     def save(self, name: str, estimator: Any, metadata: dict[str, Any]) -> str:
-        """Write a new version (one above the newest) and return its number."""
+        """Write an estimator as the next version of this folder (as if dropped here by hand:
+        the refresh imports it); its number."""
         with self.lock():
-            return self.add_version(name, estimator, metadata)
+            version = str(int(self.latest(name) or 0) + 1)
+            with self.staging() as staging:
+                write_estimator(staging, estimator, {**metadata, "name": name})
+                self.install(name, version, staging)
+            return version
 
-    def add_version(self, name: str, estimator: Any, metadata: dict[str, Any]) -> str:
-        """`save` for a caller that already holds `lock()`."""
-        folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        # Never reuse a number, even of a deleted version or model: caches key answers by
-        # version. The mark lives outside the model's folder, so it outlives the folder.
-        high_water = self.root / HIGH_WATER_DIR / name
-        high_water.parent.mkdir(exist_ok=True)
-        marks = [high_water, folder / HIGH_WATER_DIR]  # the second: where 0.1 kept it
-        last = max((int(mark.read_text()) for mark in marks if mark.is_file()), default=0)
-        version = str(max(last, int(self.latest(name) or 0)) + 1)
-        high_water.write_text(version + "\n")
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=folder))
-        skops.io.dump(estimator, staging / ARTIFACT_FILE)
-        full = {**metadata, "name": name, "version": version}
-        (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n")
-        os.rename(staging, folder / version)
-        return version
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh folder under the root, removed afterwards unless installed meanwhile."""
+        parent = self.root / STAGING_DIR
+        parent.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=parent))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def install(self, name: str, version: str, source: Path) -> Path:
+        """Move a finished folder into place as `name` `version`; a folder already there (one
+        that disagreed with the catalog) is moved to REPLACED_DIR first."""
+        target = self.folder(name, version)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            aside = self.root / REPLACED_DIR / f"{name}-{version}-{time.time_ns()}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(target, aside)
+        temp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
+        shutil.copytree(source, temp, dirs_exist_ok=True)
+        try:
+            os.rename(temp, target)
+        except OSError:  # another process of this host installed it meanwhile: theirs stands
+            shutil.rmtree(temp, ignore_errors=True)
+        return target
+
+    def remove(self, name: str, version: str) -> None:
+        """Forget a deleted version's local copy."""
+        shutil.rmtree(self.folder(name, version), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.root / name).rmdir()  # the last version: the model's folder too
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """An exclusive lock across processes (workers bootstrapping at once); not re-entrant."""
+        """An exclusive lock across processes of this host; not re-entrant."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / LOCK_FILE, "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -118,3 +140,13 @@ class ModelStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_estimator(folder: Path, estimator: Any, metadata: dict[str, Any]) -> None:
+    """A scikit-learn version's folder: model.skops and its metadata."""
+    skops.io.dump(estimator, folder / ARTIFACT_FILE)
+    write_metadata(folder, metadata)
+
+
+def write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
