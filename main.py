@@ -30,9 +30,12 @@ from hueyserve import metrics
 from hueyserve.api import paths, v2
 from hueyserve.api.app import create_app
 from hueyserve.api.guard import is_admin, scoped
+from hueyserve.api.imports import read_import
 from hueyserve.api.inference import Prediction
 from hueyserve.api.inputs import check_features
 from hueyserve.api.schemas import (
+    DeleteResult,
+    ImportResult,
     JobAccepted,
     JobPublic,
     JobSubmit,
@@ -42,10 +45,11 @@ from hueyserve.api.schemas import (
     PredictResponse,
     ReloadRequest,
     ReloadResult,
+    TextPredictRequest,
     TrainRequest,
 )
 from hueyserve.api.services import Services, Tasks
-from hueyserve.api.v1 import decode_instances, encode_predictions
+from hueyserve.api.v1 import decode_instances, decode_texts, encode_predictions, text_input
 from hueyserve.api.validation import parse_json_body, validation_failure
 from hueyserve.errors import RedisUnavailable, ResultUnavailable, ServiceError
 from hueyserve.models import ModelVersion
@@ -54,7 +58,15 @@ from hueyserve.settings import settings
 logger = logging.getLogger(__name__)
 
 app = create_app(
-    settings, core.huey, Tasks(predict=core.predict, train=core.train, reload=core.reload_model)
+    settings,
+    core.huey,
+    Tasks(
+        predict=core.predict,
+        train=core.train,
+        reload=core.reload_model,
+        import_=core.import_model,
+        delete=core.delete_model,
+    ),
 )
 
 
@@ -148,7 +160,16 @@ async def model_status(name: str, api: Api) -> JSONResponse:
 
 PREDICT_BODY = {
     "required": True,
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+    "content": {
+        "application/json": {
+            "schema": {  # rows of numbers, or one string per row for a text model
+                "anyOf": [
+                    {"$ref": "#/components/schemas/PredictRequest"},
+                    {"$ref": "#/components/schemas/TextPredictRequest"},
+                ]
+            }
+        }
+    },
 }
 #: What both v1 predict routes declare (the body is read raw, so it is documented here).
 PREDICT_ROUTE: dict[str, Any] = {
@@ -201,8 +222,14 @@ async def predict_v1(
     """The body is read raw and parsed by pydantic-core straight from the bytes; the answer is
     kept under those bytes, so hueyserve.api.answers answers them again before any parsing."""
     raw = await request.body()
-    body = parse_json_body(PredictRequest, raw, request.headers.get("content-type"))
-    features = decode_instances(model, body.instances, max_rows=settings.max_instances)
+    content_type = request.headers.get("content-type")
+    body: PredictRequest | TextPredictRequest
+    if model.takes_text:
+        body = parse_json_body(TextPredictRequest, raw, content_type, takes=text_input(model))
+        features = decode_texts(model, body.instances, max_rows=settings.max_instances)
+    else:
+        body = parse_json_body(PredictRequest, raw, content_type)
+        features = decode_instances(model, body.instances, max_rows=settings.max_instances)
     if wants_async(prefer):
         accepted = await api.jobs.submit(
             model, features, priority=body.priority, deadline_s=body.timeout,
@@ -420,6 +447,59 @@ async def train(
 async def reload(name: str, api: Api, body: ReloadRequest | None = None) -> ReloadResult:
     result = await api.jobs.reload(name, (body or ReloadRequest()).version)
     return ReloadResult(**result)
+
+
+#: The import route reads its body itself (multipart or JSON), so it is documented here.
+IMPORT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "metadata": {"type": "string", "description": "metadata.json (optional)"},
+                    "file": {"type": "string", "format": "binary", "description": "an artifact"},
+                },
+            }
+        },
+        "application/json": {
+            "schema": {"type": "object", "description": "metadata with 'uri' and 'files'"}
+        },
+    },
+}
+
+
+@app.post(
+    paths.V1_VERSIONS,
+    status_code=201,
+    response_model=ImportResult,
+    summary="Import a version trained elsewhere (admin): checked by a worker, then served",
+    openapi_extra={"requestBody": IMPORT_BODY},
+)
+async def import_version(
+    name: str, request: Request, api: Api, activate: bool = True
+) -> ImportResult:
+    metadata, files = await read_import(request)
+    result = await api.admin.import_version(name, metadata, files, activate=activate)
+    return ImportResult(**result)
+
+
+@app.delete(
+    paths.V1_VERSION,
+    response_model=DeleteResult,
+    summary="Delete a version that is not active (admin); its artifacts are freed",
+)
+async def delete_version(name: str, version: str, api: Api) -> DeleteResult:
+    return DeleteResult(**await api.admin.delete(name, version))
+
+
+@app.delete(
+    paths.V1_MODEL,
+    response_model=DeleteResult,
+    summary="Delete a model and every version (admin)",
+)
+async def delete_model(name: str, api: Api) -> DeleteResult:
+    return DeleteResult(**await api.admin.delete(name, None))
 
 
 def wants_async(prefer: str | None) -> bool:

@@ -27,6 +27,9 @@ RUNTIME_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "python": ("model.py",),
 }
 
+#: A lone file of another name is served by the runtime its suffix names, under that
+#: runtime's artifact name (forest.onnx -> model.onnx).
+SUFFIX_RUNTIMES = {".skops": "sklearn", ".onnx": "onnx", ".ubj": "xgboost", ".py": "python"}
 #: Files refused outright: loading them runs whatever code they name.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav", ".dill", ".cloudpickle")
 PICKLE_MAGIC = b"\x80"  #: pickle protocol 2 and later start with PROTO (0x80)
@@ -95,6 +98,22 @@ def infer_runtime(file_names: list[str]) -> str:
     return found[0]
 
 
+def artifact_names(files: dict[str, bytes], runtime: Any) -> dict[str, bytes]:
+    """One file not named as its runtime expects (forest.onnx), renamed so that it is; the
+    runtime comes from metadata or the file's suffix."""
+    for name, data in files.items():  # before any renaming: model.pkl is refused as such
+        refuse_pickle(name, data[:1])
+    if len(files) != 1 or any(
+        name in names for names in RUNTIME_ARTIFACTS.values() for name in files
+    ):
+        return files
+    ((name, data),) = files.items()
+    chosen = runtime if runtime in RUNTIME_ARTIFACTS else SUFFIX_RUNTIMES.get(Path(name).suffix)
+    if chosen is None:
+        return files
+    return {RUNTIME_ARTIFACTS[chosen][0]: data}
+
+
 def check_metadata(
     metadata: Any, files: dict[str, bytes] | None, *, max_bytes: int
 ) -> dict[str, Any]:
@@ -122,6 +141,7 @@ def check_metadata(
     else:
         if not files:
             raise ArtifactError("no artifact files: send at least one (e.g. model.onnx)")
+        files = artifact_names(files, metadata.get("runtime"))
         total = 0
         for name, data in files.items():
             check_file_name(name)

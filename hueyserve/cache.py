@@ -1,7 +1,8 @@
 """The prediction LRU shared by the API (before enqueueing) and each worker (before computing).
 
 Keys are (model, version, canonical input): the input as a float64 array's shape and bytes, so
-`1` and `1.0` hit the same entry, and a new model version can never hit an old answer.
+`1` and `1.0` hit the same entry (a text model's: its strings), and a new model version can
+never hit an old answer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ CacheKey = tuple[Hashable, ...]
 
 
 def cache_key(model: str, version: str, features: np.ndarray) -> CacheKey:
+    if features.dtype.kind == "U":  # a text model's rows: the strings themselves
+        return (model, version, "text", tuple(features.tolist()))
     canonical = np.ascontiguousarray(features, dtype=np.float64)
     return (model, version, canonical.shape, canonical.tobytes())
 

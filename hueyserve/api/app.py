@@ -16,11 +16,12 @@ from hueyserve.api import paths, v2
 from hueyserve.api.answers import CachedAnswers
 from hueyserve.api.docs import add_docs
 from hueyserve.api.guard import RequestGuard
-from hueyserve.api.schemas import ErrorBody, PredictRequest
+from hueyserve.api.schemas import ErrorBody, PredictRequest, TextPredictRequest
 from hueyserve.api.services import Tasks, running
 from hueyserve.api.timing import RequestTimer
 from hueyserve.settings import Settings
 
+UPLOAD_OVERHEAD_BYTES = 1024 * 1024
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)
 }
@@ -51,6 +52,8 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
                 predict_keys=settings.keys("api"),
                 admin_keys=settings.keys("admin"),
                 max_body_bytes=settings.max_body_bytes,
+                # an import's artifacts, plus room for its metadata and multipart framing
+                max_upload_bytes=settings.max_artifact_bytes + UPLOAD_OVERHEAD_BYTES,
                 body_timeout_s=settings.body_timeout_s,
                 key_salt=settings.secret_value(),
             ),
@@ -65,7 +68,11 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
         if app.openapi_schema is None:
             schema = default_openapi()
             _, defs = models_json_schema(
-                [(v2.InferenceRequest, "validation"), (PredictRequest, "validation")],
+                [
+                    (v2.InferenceRequest, "validation"),
+                    (PredictRequest, "validation"),
+                    (TextPredictRequest, "validation"),
+                ],
                 ref_template="#/components/schemas/{model}",
             )
             schema["components"]["schemas"].update(defs["$defs"])

@@ -19,7 +19,7 @@ import hmac
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hueyserve.api.paths import Access, access
+from hueyserve.api.paths import Access, access, is_upload
 from hueyserve.errors import PayloadTooLarge, RequestTimeout, ServiceError
 
 CALLER = "caller"  #: request.state.caller: the Access the request's key gives, or None
@@ -47,6 +47,7 @@ class RequestGuard:
         predict_keys: frozenset[str],
         admin_keys: frozenset[str],
         max_body_bytes: int,
+        max_upload_bytes: int = 0,
         body_timeout_s: float = 30.0,
         key_salt: str | None = None,
     ) -> None:
@@ -54,6 +55,7 @@ class RequestGuard:
         self.predict_keys = predict_keys | admin_keys  # an admin may predict too
         self.admin_keys = admin_keys
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max(max_upload_bytes, max_body_bytes)  #: model imports
         self.body_timeout_s = body_timeout_s
         self.key_salt = (key_salt or "").encode()  #: HUEYSERVE_SECRET, for key ids
 
@@ -73,7 +75,9 @@ class RequestGuard:
             # Keyed with the secret: a Redis reader cannot test guesses of an API key.
             key_id = hmac.new(self.key_salt, key.encode("latin-1"), hashlib.sha256)
             state.setdefault(KEY_ID, key_id.hexdigest()[:16])
-        refusal = self._refusal(scope["path"], headers, caller)
+        method = scope.get("method", "GET")
+        limit = self.max_upload_bytes if is_upload(scope["path"], method) else self.max_body_bytes
+        refusal = self._refusal(scope["path"], method, headers, caller, limit)
         if refusal is not None:
             status, message, extra = refusal
             if b"content-length" in headers or b"transfer-encoding" in headers:
@@ -101,8 +105,8 @@ class RequestGuard:
                 raise refused from None
             more_body = message["type"] == "http.request" and message.get("more_body", False)
             size += len(message.get("body", b""))
-            if size > self.max_body_bytes:
-                refused = PayloadTooLarge(self._too_large(size))
+            if size > limit:
+                refused = PayloadTooLarge(self._too_large(size, limit))
                 raise refused
             return message
 
@@ -142,27 +146,27 @@ class RequestGuard:
             "(HUEYSERVE_BODY_TIMEOUT_S): send it at once"
         )
 
-    def _too_large(self, size: int) -> str:
-        return (
-            f"the body has {size} bytes or more; the limit is {self.max_body_bytes} "
-            "(HUEYSERVE_MAX_BODY_BYTES): send fewer instances per request"
-        )
+    def _too_large(self, size: int, limit: int, *, exact: bool = False) -> str:
+        amount = f"{size} bytes" if exact else f"{size} bytes or more"
+        if limit == self.max_body_bytes:
+            setting, advice = "HUEYSERVE_MAX_BODY_BYTES", "send fewer instances per request"
+        else:
+            setting, advice = "HUEYSERVE_MAX_ARTIFACT_BYTES", "serve the model from a URI"
+        return f"the body has {amount}; the limit is {limit} ({setting}): {advice}"
 
     def _refusal(
-        self, path: str, headers: dict[bytes, bytes], caller: Access | None
+        self,
+        path: str,
+        method: str,
+        headers: dict[bytes, bytes],
+        caller: Access | None,
+        limit: int,
     ) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
         """(status, message, headers) to answer instead of the app, or None to go on."""
         length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return (
-                413,
-                (
-                    f"the body has {int(length)} bytes; the limit is {self.max_body_bytes} "
-                    "(HUEYSERVE_MAX_BODY_BYTES): send fewer instances per request"
-                ),
-                [],
-            )
-        needed = access(path)
+        if length.isdigit() and int(length) > limit:
+            return 413, self._too_large(int(length), limit, exact=True), []
+        needed = access(path, method)
         if not self.predict_keys or needed is Access.OPEN or caller is Access.ADMIN:
             return None
         challenge = [(b"www-authenticate", b'Bearer realm="hueyserve"')]
@@ -171,7 +175,7 @@ class RequestGuard:
                 return 401, "an API key is required: send 'Authorization: Bearer <key>'", challenge
             return 401, "unknown API key", challenge
         if needed is Access.ADMIN:
-            return 403, "this key may predict but not train or reload: use an admin key", []
+            return 403, "this key may predict but not change models: use an admin key", []
         return None
 
 

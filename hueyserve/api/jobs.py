@@ -63,7 +63,7 @@ class JobService:
         in the queue, it is not run and reads `expired`. A submission repeated with the same
         `idempotency_key` gets the first one's job instead of a second job."""
         priority = self.settings.async_priority if priority is None else priority
-        job_id = await self._enqueue(
+        job_id = await self.enqueue(
             self.predict_task, (model.name, model.version, features), JobKind.PREDICT,
             model.name, priority, expires=deadline_s, idempotency_key=idempotency_key,
             version=model.version, instances=len(features), protocol=protocol,
@@ -82,7 +82,7 @@ class JobService:
             )
         except training.TrainingError as exc:
             raise InvalidInput(str(exc)) from exc
-        job_id = await self._enqueue(
+        job_id = await self.enqueue(
             self.train_task, (name, plan), JobKind.TRAIN, name, self.settings.train_priority,
             idempotency_key=idempotency_key,
         )  # fmt: skip
@@ -93,7 +93,7 @@ class JobService:
         entry = self.catalog.entry(name)
         if version is not None:
             entry.get(version)  # 404 for a version nobody published
-        job_id = await self._enqueue(
+        job_id = await self.enqueue(
             self.reload_task, (name, version), JobKind.RELOAD, name, RELOAD_PRIORITY, wait=True
         )
         try:
@@ -106,7 +106,7 @@ class JobService:
             await self.catalog.resync()
         return {**result, "job_id": job_id}
 
-    async def _enqueue(
+    async def enqueue(
         self,
         wrapper: TaskWrapper,
         args: tuple[Any, ...],

@@ -37,6 +37,8 @@ V1_PREDICT = "/v1/models/{name:model}:predict"
 V1_PREDICT_VERSION = "/v1/models/{name:model}/versions/{version}:predict"
 V1_TRAIN = "/v1/models/{name:model}/train"
 V1_RELOAD = "/v1/models/{name:model}/reload"
+V1_VERSIONS = "/v1/models/{name:model}/versions"  #: POST: import a version (admin)
+V1_VERSION = "/v1/models/{name:model}/versions/{version}"  #: DELETE: a version (admin)
 JOBS = "/v1/jobs"
 JOB = "/v1/jobs/{job_id}"
 PURGE = "/v1/queue/purge"
@@ -61,6 +63,9 @@ DOCS = (DOCS_UI, DOCS_OAUTH2, f"{DOCS_ASSETS}/{{file}}", OPENAPI)
 
 OPEN_PATHS = (V2_SERVER, LIVE, READY, HEALTH, METRICS, *DOCS)
 ADMIN_PATHS = (V1_TRAIN, V1_RELOAD, PURGE)
+#: Admin by method: imports, and deletes of models and versions (GETs need a predict key).
+ADMIN_METHODS = {"POST": (V1_VERSIONS,), "DELETE": (V1_MODEL, V1_VERSION)}
+UPLOADS = (V1_VERSIONS,)  #: bodies up to HUEYSERVE_MAX_ARTIFACT_BYTES (POST)
 
 
 def pattern(template: str) -> re.Pattern[str]:
@@ -76,12 +81,20 @@ def alternatives(templates: tuple[str, ...]) -> re.Pattern[str]:
 
 OPEN = alternatives(OPEN_PATHS)
 ADMIN = alternatives(ADMIN_PATHS)
+ADMIN_BY_METHOD = {method: alternatives(t) for method, t in ADMIN_METHODS.items()}
+UPLOAD = alternatives(UPLOADS)
 
 
-def access(path: str) -> Access:
+def access(path: str, method: str = "GET") -> Access:
     """Who may call `path` (the guard's rule): any path not open or admin needs a key."""
     if OPEN.fullmatch(path):
         return Access.OPEN
-    if ADMIN.fullmatch(path):
+    by_method = ADMIN_BY_METHOD.get(method)
+    if ADMIN.fullmatch(path) or (by_method is not None and by_method.fullmatch(path)):
         return Access.ADMIN
     return Access.PREDICT
+
+
+def is_upload(path: str, method: str) -> bool:
+    """A model import: its body may be as large as HUEYSERVE_MAX_ARTIFACT_BYTES."""
+    return method == "POST" and UPLOAD.fullmatch(path) is not None

@@ -53,6 +53,24 @@ class PredictRequest(BaseModel):
     )
 
 
+#: Longest string one text instance may hold (the body limit bounds them all together).
+MAX_TEXT = 1_000_000
+Text = Annotated[str, Field(strict=True, max_length=MAX_TEXT)]
+
+
+class TextPredictRequest(BaseModel):
+    """KServe v1 predict body of a text model (one whose input is BYTES): one string per
+    instance."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"instances": ["a fine film", "dull and long"]}]}
+    )
+
+    instances: Annotated[list[Text], Field(min_length=1, description="One text per row.")]
+    priority: Priority | None = None
+    timeout: Duration | None = None
+
+
 class PredictResponse(BaseModel):
     """KServe v1 answer: one prediction per instance, in order. A regressor predicts a number;
     a classifier `{"class": label, "probabilities": {label: p, ...}}`."""
@@ -180,3 +198,28 @@ class ErrorBody(BaseModel):
 
     error: str
     job_id: str | None = None
+
+
+class ImportResult(BaseModel):
+    """A version imported, checked by a worker (loaded, signature, smoke prediction) and
+    added to the catalog."""
+
+    model_name: str
+    model_version: str
+    active_version: str
+    pinned: bool
+    runtime: str | None = None
+    inputs: list[dict[str, Any]] | None = None
+    outputs: list[dict[str, Any]] | None = None
+    files: dict[str, Any] | None = None
+    job_id: str
+
+
+class DeleteResult(BaseModel):
+    """What is left of a model after a delete (nothing, when the whole model went)."""
+
+    model_name: str
+    deleted_version: str | None = Field(description="None: the whole model was deleted.")
+    versions: list[str]
+    active_version: str | None
+    job_id: str

@@ -20,6 +20,7 @@ from redis import RedisError
 from hueyserve.api.answers import AnswerCache
 from hueyserve.api.catalog import ModelCatalog
 from hueyserve.api.health import HealthService
+from hueyserve.api.imports import ModelAdmin
 from hueyserve.api.inference import InferenceService
 from hueyserve.api.jobs import JobService
 from hueyserve.api.queue import TaskQueue
@@ -35,6 +36,8 @@ class Tasks:
     predict: TaskWrapper
     train: TaskWrapper
     reload: TaskWrapper
+    import_: TaskWrapper
+    delete: TaskWrapper
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Services:
     catalog: ModelCatalog
     inference: InferenceService
     jobs: JobService
+    admin: ModelAdmin
     health: HealthService
     answers: AnswerCache
 
@@ -62,6 +66,14 @@ class Services:
         )
         catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
         cache = PredictionCache(settings.cache_size, where="api")
+        jobs = JobService(
+            settings=settings,
+            queue=queue,
+            catalog=catalog,
+            predict_task=tasks.predict,
+            train_task=tasks.train,
+            reload_task=tasks.reload,
+        )
         return cls(
             settings=settings,
             queue=queue,
@@ -69,13 +81,14 @@ class Services:
             inference=InferenceService(
                 settings=settings, queue=queue, cache=cache, predict_task=tasks.predict
             ),
-            jobs=JobService(
+            jobs=jobs,
+            admin=ModelAdmin(
                 settings=settings,
                 queue=queue,
                 catalog=catalog,
-                predict_task=tasks.predict,
-                train_task=tasks.train,
-                reload_task=tasks.reload,
+                jobs=jobs,
+                import_task=tasks.import_,
+                delete_task=tasks.delete,
             ),  # fmt: skip
             health=HealthService(settings=settings, queue=queue, catalog=catalog, cache=cache),
             answers=AnswerCache(cache, catalog),

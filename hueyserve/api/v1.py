@@ -22,13 +22,29 @@ def decode_instances(
     return check_features(model, np.asarray(instances, dtype=np.float64), max_rows=max_rows)
 
 
+def decode_texts(model: ModelVersion, instances: list[str], *, max_rows: int) -> np.ndarray:
+    """A text model's instances (one string each) as the rows the workers take."""
+    check_count(len(instances), max_rows=max_rows)
+    return np.asarray(instances, dtype=str)
+
+
+def text_input(model: ModelVersion) -> str:
+    """What a 422 for a text model says it takes."""
+    name = model.inputs[0]["name"]
+    return f"model {model.name!r} takes text (input {name!r}): one string per instance"
+
+
 def encode_predictions(model: ModelVersion, outputs: Outputs) -> list[Any]:
-    """The worker's output columns as one v1 prediction per row: a regressor's number, or a
-    classifier's `{"class": label, "probabilities": {label: p, ...}}`."""
-    labels = outputs["predict"]
-    if model.classes is None or "predict_proba" not in outputs:
-        return labels
-    return [
-        {"class": label, "probabilities": dict(zip(model.classes, row, strict=True))}
-        for label, row in zip(labels, outputs["predict_proba"], strict=True)
-    ]
+    """The worker's output columns as one v1 prediction per row: a classifier's
+    `{"class": label, "probabilities": {label: p, ...}}`, the value of a model with one
+    output, or `{output: value, ...}` for a model with several."""
+    names = [o["name"] for o in model.outputs if o["name"] in outputs] or list(outputs)
+    if model.classes is not None and names[:2] in (["predict", "predict_proba"],):
+        return [
+            {"class": label, "probabilities": dict(zip(model.classes, row, strict=True))}
+            for label, row in zip(outputs["predict"], outputs["predict_proba"], strict=True)
+        ]
+    if len(names) == 1:
+        return outputs[names[0]]
+    rows = len(outputs[names[0]])
+    return [{name: outputs[name][row] for name in names} for row in range(rows)]

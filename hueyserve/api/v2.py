@@ -34,7 +34,7 @@ from hueyserve.models import ModelVersion, Outputs
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "schedule_policy", "parameters"]
-#: Numeric tensor types and their little-endian numpy layout (BYTES is only ever an output).
+#: Numeric tensor types and their little-endian numpy layout (BYTES: text, see decode_texts).
 NUMERIC: dict[str, str] = {
     "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
     "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
@@ -159,6 +159,8 @@ def decode_features(
             f"model {model.name!r} has no input {tensor.name!r}; its input is "
             f"{expected['name']!r} with shape {expected['shape']}"
         )
+    if model.takes_text:
+        return decode_texts(tensor, binary, model, max_rows=max_rows)
     dtype = NUMERIC.get(tensor.datatype)
     if dtype is None:
         raise InvalidInput(
@@ -186,6 +188,77 @@ def decode_features(
             f"inputs[0] has {values.size} values but shape {tensor.shape} needs {count}"
         )
     return values.reshape(shape).astype(np.float64)
+
+
+def decode_texts(
+    tensor: RequestInput, binary: bytes, model: ModelVersion, *, max_rows: int
+) -> np.ndarray:
+    """A text input (BYTES, shape [rows] or [rows, 1]) as a 1-D array of strings, from JSON
+    strings or Triton's binary BYTES layout (a 4-byte little-endian length before each)."""
+    name = tensor.name
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(
+            f"input {name!r} of model {model.name!r} is text: send datatype BYTES, "
+            f"not {tensor.datatype}"
+        )
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
+        raise InvalidInput(
+            f"input {name!r} has shape {shape}; a text input takes [rows] or [rows, 1]"
+        )
+    if shape[0] > max_rows:
+        raise PayloadTooLarge(
+            f"{shape[0]} rows in one request; the limit is {max_rows} "
+            "(HUEYSERVE_MAX_INSTANCES): split the request"
+        )
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != len(binary):
+            raise BadRequest(
+                f"binary_data_size {size!r} does not match the {len(binary)} bytes after the header"
+            )
+        texts = _binary_texts(name, binary)
+    else:
+        texts = _json_texts(name, tensor.data)
+    if len(texts) != shape[0]:
+        raise InvalidInput(
+            f"input {name!r} has {len(texts)} strings but shape {shape} needs {shape[0]}"
+        )
+    if not texts:
+        raise InvalidInput("no instances: send at least one row")
+    return np.asarray(texts, dtype=str)
+
+
+def _json_texts(name: str, data: JsonValue) -> list[str]:
+    if data is None:
+        raise InvalidInput(f"input {name!r} has no data: send 'data', or binary data with its size")
+    flat = data if isinstance(data, list) else [data]
+    texts: list[str] = []
+    for item in flat:
+        for value in item if isinstance(item, list) else [item]:
+            if not isinstance(value, str):
+                raise InvalidInput(
+                    f"input {name!r} holds {type(value).__name__} {str(value)[:20]!r}; a text "
+                    "input takes strings"
+                )
+            texts.append(value)
+    return texts
+
+
+def _binary_texts(name: str, binary: bytes) -> list[str]:
+    texts, offset = [], 0
+    while offset < len(binary):
+        if offset + 4 > len(binary):
+            raise InvalidInput(f"input {name!r}: binary BYTES data ends inside a length prefix")
+        (length,) = struct.unpack_from("<I", binary, offset)
+        start, offset = offset + 4, offset + 4 + length
+        if offset > len(binary):
+            raise InvalidInput(f"input {name!r}: a string's length runs past the binary data")
+        try:
+            texts.append(binary[start:offset].decode())
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"input {name!r}: a string is not UTF-8 ({exc})") from exc
+    return texts
 
 
 def _binary_values(size: Any, binary: bytes, dtype: str, count: int) -> np.ndarray:
@@ -344,7 +417,7 @@ def model_metadata(model: ModelVersion, versions: list[str]) -> ModelMetadata:
     return ModelMetadata(
         name=model.name,
         versions=versions,
-        platform="sklearn",
+        platform=model.runtime,
         inputs=[TensorMetadata(**t) for t in model.inputs],
         outputs=[TensorMetadata(**t) for t in model.outputs],
         parameters={
@@ -352,6 +425,7 @@ def model_metadata(model: ModelVersion, versions: list[str]) -> ModelMetadata:
             "active": model.active,
             "task": metadata.get("task"),
             "estimator": metadata.get("estimator"),
+            "runtime": model.runtime,
             "features": model.features,
             "classes": model.classes,
             "metrics": metadata.get("metrics"),
