@@ -52,7 +52,8 @@ class ModelVersion:
         if "n_features" in self.metadata or not self.metadata.get("inputs"):
             return int(self.metadata["n_features"])
         shape = self.metadata["inputs"][0]["shape"]
-        return int(shape[1]) if len(shape) == 2 and not self.takes_text else 1
+        text = self.metadata["inputs"][0]["datatype"] == "BYTES"
+        return int(shape[1]) if len(shape) == 2 and not text else 1
 
     @property
     def features(self) -> list[str]:
@@ -61,8 +62,9 @@ class ModelVersion:
     @property
     def inputs(self) -> list[dict[str, Any]]:
         """Input tensors (name, datatype, shape); models saved without them take one."""
-        default = [{"name": "features", "datatype": "FP64", "shape": [-1, self.n_features]}]
-        return list(self.metadata.get("inputs") or default)
+        if self.metadata.get("inputs"):
+            return list(self.metadata["inputs"])
+        return [{"name": "features", "datatype": "FP64", "shape": [-1, self.n_features]}]
 
     @property
     def takes_text(self) -> bool:

@@ -44,7 +44,7 @@ class RecordingModel:
 
 
 def batchers_for(model: RecordingModel, **policy: Any) -> Batchers:
-    loaded = LoadedModel("m", "1", model, {"n_features": 1})
+    loaded = LoadedModel.from_estimator("m", "1", model, {"n_features": 1})
     return Batchers(lambda name, version: loaded, BatchPolicy(**policy))
 
 

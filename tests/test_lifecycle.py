@@ -21,8 +21,8 @@ from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.settings import settings
 from hueyserve.training import TrainingError, TrainPlan
 from hueyserve.worker import publishing
-from hueyserve.worker.fitting import Owner, Trainer, train_and_save
-from hueyserve.worker.registry import ModelRegistry
+from hueyserve.worker.fitting import Owner, Trainer, train_to_folder
+from hueyserve.worker.registry import LoadedModel, ModelRegistry
 from hueyserve.worker.store import ModelStore
 from tests.helpers import PREDICT, poll_job, services_of, wait_for
 
@@ -156,14 +156,17 @@ def test_reload_pins_a_version_and_unpins_to_the_newest(
 
 
 def test_a_version_that_does_not_load_is_refused(
-    client: TestClient, model_store: ModelStore
+    client: TestClient, model_store: ModelStore, redis_conn: redis.Redis
 ) -> None:
     train(client, "iris", {})
     wait_for(lambda: active(client, "iris") == "2", "version 2")
-    (model_store.root / "iris" / "1" / "model.skops").write_bytes(b"not a model")
+    digest = publishing.entries(redis_conn)["iris"].versions["1"]["files"]["model.skops"]["sha256"]
+    redis_conn.setrange(wire.artifact_key(digest), 100, b"altered")  # this host's copy is gone
+    shutil.rmtree(model_store.root / "iris" / "1")
     core.worker.registry.clear()
     response = client.post("/v1/models/iris/reload", json={"version": "1"})
     assert response.status_code == 409 and "does not load" in response.json()["error"]
+    assert "does not match its SHA-256" in response.json()["error"]
     assert client.get("/v1/models/iris").json()["active_version"] == "2"
 
 
@@ -192,13 +195,17 @@ def test_entries_in_an_old_format_are_republished(
         assert response.status_code == 200, response.text
 
 
-def test_a_model_removed_from_the_store_is_unpublished(
+def test_a_model_removed_from_a_hosts_folder_is_fetched_again(
     client: TestClient, model_store: ModelStore, redis_conn: redis.Redis
 ) -> None:
+    """The catalog in Redis is the truth: a host's folder is only its cache."""
     shutil.rmtree(model_store.root / "iris")
     core.refresh_models.call_local()
-    assert set(publishing.entries(redis_conn)) == {"diabetes"}
-    wait_for(lambda: client.get("/v1/models").json() == {"models": ["diabetes"]}, "withdrawal")
+    core.worker.registry.clear()
+    assert set(publishing.entries(redis_conn)) == {"diabetes", "iris"}
+    response = client.post("/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    assert response.status_code == 200, response.text
+    assert (model_store.root / "iris" / "1" / "model.skops").is_file()
 
 
 def test_scheduled_retrain_runs_only_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +249,12 @@ def test_training_past_its_time_limit_is_stopped(
 
 
 def test_active_versions_are_never_evicted(model_store: ModelStore) -> None:
-    registry = ModelRegistry(model_store, max_loaded=1)
+    registry = ModelRegistry(
+        lambda name, version: LoadedModel.from_estimator(
+            name, version, model_store.load(name, version), model_store.metadata(name, version)
+        ),
+        max_loaded=1,
+    )
     registry.keep_active({("diabetes", "1"), ("iris", "1")})
     held = registry.get("iris", "1")
     model_store.save("diabetes", *model_store_model(model_store))
@@ -264,7 +276,7 @@ def test_the_training_lock_is_renewed_while_a_training_runs(
     """Issue 11.4: the lock was renewed from another thread with redis-py's per-thread token,
     so every renewal failed and a second training started once the first lease lapsed."""
     short = settings.model_copy(update={"lease_s": 3.0})
-    first, second = (Trainer(redis_conn, model_store, short) for _ in range(2))
+    first, second = (Trainer(redis_conn, core.worker.repository, short) for _ in range(2))
     with first.slot(wait_s=None) as mine:
         assert mine
         time.sleep(4.0)  # past the lease: only renewals keep the lock
@@ -282,10 +294,11 @@ def test_a_training_that_lost_its_lock_saves_nothing(
     url = f"redis://127.0.0.1:{redis_conn.connection_pool.connection_kwargs['port']}/0"
     redis_conn.set(wire.TRAINING_LOCK_KEY, b"someone-else")
     with pytest.raises(TrainingError, match="lost its lock"):
-        train_and_save(model_store, "diabetes", plan, Path(), Owner(url, b"mine"))
+        train_to_folder(model_store, plan, Path(), Owner(url, b"mine"))
     assert model_store.versions("diabetes") == ["1"]
     redis_conn.set(wire.TRAINING_LOCK_KEY, b"mine")
-    assert train_and_save(model_store, "diabetes", plan, Path(), Owner(url, b"mine")) == "2"
+    folder = Path(train_to_folder(model_store, plan, Path(), Owner(url, b"mine")))
+    assert (folder / "model.skops").is_file() and model_store.versions("diabetes") == ["1"]
 
 
 def test_a_csv_target_that_is_not_a_column_is_a_422(client: TestClient) -> None:

@@ -1,19 +1,29 @@
-"""The model store: versions, atomic saves, skops with trusted types only."""
+"""A host's model folder, and the catalog in Redis that it caches: versions, numbers allocated
+once per deployment, artifacts freed with their last version, demos created once."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.preprocessing import FunctionTransformer
+import redis
 
+from hueyserve import wire
+from hueyserve.artifacts import ArtifactStore
 from hueyserve.training import DEMOS
 from hueyserve.worker.fitting import ensure_demo_models
-from hueyserve.worker.store import ModelStore, UntrustedModelFile
+from hueyserve.worker.publishing import entries
+from hueyserve.worker.repository import CatalogError, ModelRepository
+from hueyserve.worker.store import ModelStore, write_estimator
 from tests.helpers import train_diabetes
+
+
+def host(redis_conn: redis.Redis, folder: Path) -> ModelRepository:
+    """One worker host's view: its own folder, the deployment's Redis."""
+    artifacts = ArtifactStore(redis_conn, max_bytes=64 * 1024 * 1024)
+    return ModelRepository(redis_conn, ModelStore(folder), artifacts, {})
 
 
 def test_versions_count_up_and_newest_wins(tmp_path: Path) -> None:
@@ -27,18 +37,83 @@ def test_versions_count_up_and_newest_wins(tmp_path: Path) -> None:
     assert store.metadata("m", "2")["version"] == "2"
 
 
-def test_a_deleted_version_number_is_never_reused(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
+def test_a_deleted_version_number_is_never_reused(redis_conn: redis.Redis, tmp_path: Path) -> None:
+    """Numbers come from Redis, once for the whole deployment (caches key answers by them)."""
+    repository = host(redis_conn, tmp_path / "a")
     model, metadata = train_diabetes(n_estimators=2)
-    store.save("m", model, metadata)
-    store.save("m", model, metadata)
-    shutil.rmtree(tmp_path / "m" / "2")  # a bad version withdrawn
-    assert store.save("m", model, metadata) == "3"
-    shutil.rmtree(tmp_path / "m")  # the whole model removed, then trained again
-    assert store.save("m", model, metadata) == "4"
+    source = tmp_path / "source"
+    source.mkdir()
+    write_estimator(source, model, metadata)
+    for expected in ("1", "2"):
+        entry, _ = repository.add("m", source, metadata)
+        assert entry.active == expected
+    with pytest.raises(CatalogError, match="is active"):
+        repository.delete("m", "2")
+    repository.delete("m", "1")
+    assert repository.add("m", source, metadata)[0].version_list() == ["2", "3"]
+    assert repository.delete("m") is None and "m" not in entries(redis_conn)
+    assert repository.add("m", source, metadata)[0].version_list() == ["4"]
+    other = host(redis_conn, tmp_path / "b")  # another host allocates from the same count
+    assert other.add("m", source, metadata)[0].version_list() == ["4", "5"]
 
 
-def test_demo_models_are_bootstrapped_once(demo_models: Path) -> None:
+def test_artifacts_are_freed_with_the_last_version_that_uses_them(
+    redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    repository = host(redis_conn, tmp_path / "a")
+    source = tmp_path / "source"
+    source.mkdir()
+    for n_estimators in (2, 3):
+        model, metadata = train_diabetes(n_estimators=n_estimators)
+        write_estimator(source, model, metadata)
+        repository.add("m", source, metadata)
+    stored = set(redis_conn.scan_iter(match=wire.artifact_key("*")))
+    assert len(stored) == 2 and all(redis_conn.ttl(key) == -1 for key in stored)
+    repository.delete("m", "1")
+    assert len(set(redis_conn.scan_iter(match=wire.artifact_key("*")))) == 1
+    repository.delete("m")
+    assert not set(redis_conn.scan_iter(match=wire.artifact_key("*")))
+    assert not (tmp_path / "a" / "m").exists()
+
+
+def test_a_version_reaches_a_host_that_never_had_it_and_is_checked(
+    redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    first, second = host(redis_conn, tmp_path / "a"), host(redis_conn, tmp_path / "b")
+    model, metadata = train_diabetes(n_estimators=3)
+    source = tmp_path / "source"
+    source.mkdir()
+    write_estimator(source, model, metadata)
+    first.add("m", source, metadata)
+    rows = np.zeros((2, 10))
+    fetched = second.load("m", "1")  # from Redis into b's folder
+    assert fetched.answer(rows)["predict"] == model.predict(rows).tolist()
+    (tmp_path / "b" / "m" / "1" / "model.skops").write_bytes(b"changed on this host")
+    assert second.load("m", "1").answer(rows)["predict"] == model.predict(rows).tolist()
+    assert list((tmp_path / "b" / ".replaced").iterdir())  # the changed copy, kept aside
+
+
+def test_demo_models_are_created_once_per_deployment(
+    redis_conn: redis.Redis, tmp_path: Path, demo_models: Path
+) -> None:
+    hosts = [host(redis_conn, tmp_path / name) for name in ("a", "b")]
+    shutil.copytree(demo_models, tmp_path / "a")  # host a trained them already (0.2)
+    for repository in hosts:
+        repository.sync_local()
+        repository.ensure_demos(Path())
+    catalog = entries(redis_conn)
+    assert {name: entry.version_list() for name, entry in catalog.items()} == {
+        name: ["1"] for name in DEMOS
+    }
+    assert not (tmp_path / "b" / "diabetes").exists()  # b trained nothing: it fetches on use
+    assert {m.decode() for m in redis_conn.smembers(wire.DEMOS_KEY)} == set(DEMOS)
+    hosts[0].delete("iris")
+    for repository in hosts:
+        repository.ensure_demos(Path())  # a demo deleted on purpose stays deleted
+    assert set(entries(redis_conn)) == {"diabetes"}
+
+
+def test_demo_models_for_tests_and_benchmarks(demo_models: Path) -> None:
     store = ModelStore(demo_models)  # the session's, made by ensure_demo_models
     ensure_demo_models(store, Path())
     assert store.names() == sorted(DEMOS) and store.versions("diabetes") == ["1"]
@@ -53,10 +128,3 @@ def test_demo_models_are_bootstrapped_once(demo_models: Path) -> None:
     assert iris["classes"] == ["setosa", "versicolor", "virginica"]
     assert iris["inputs"] == [{"name": "features", "datatype": "FP64", "shape": [-1, 4]}]
     assert [o["datatype"] for o in iris["outputs"]] == ["BYTES", "FP64"]
-
-
-def test_untrusted_model_file_is_refused(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
-    store.save("evil", FunctionTransformer(func=os.getcwd), {"n_features": 1})
-    with pytest.raises(UntrustedModelFile, match="not trusted"):
-        store.load("evil", "1")

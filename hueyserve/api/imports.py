@@ -143,7 +143,8 @@ class ModelAdmin:
         try:
             result: dict[str, Any] = await self.queue.wait(job_id, self.settings.import_timeout_s)
         except PredictionFailed as exc:
-            reason = exc.message.partition("): ")[2] or exc.message
+            record, _ = await self.queue.job(job_id)  # its error reads better than Huey's repr
+            reason = record.get("error") or exc.message
             if kind is JobKind.DELETE:
                 raise Conflict(reason) from None
             raise InvalidInput(

@@ -12,7 +12,11 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_features(model: ModelVersion, features: np.ndarray, *, max_rows: int) -> np.ndarray:
-    """A [rows, n_features] float64 array the model can take, or the 4xx saying why not."""
+    """A [rows, n_features] float64 array the model can take (a text model: rows of
+    strings), or the 4xx saying why not."""
+    if model.takes_text:
+        check_count(len(features), max_rows=max_rows)
+        return features
     if features.ndim != 2 or features.shape[1] != model.n_features:
         raise InvalidInput(f"got shape {list(features.shape)}; {expects(model)}")
     check_count(features.shape[0], max_rows=max_rows)

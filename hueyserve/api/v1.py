@@ -39,10 +39,18 @@ def encode_predictions(model: ModelVersion, outputs: Outputs) -> list[Any]:
     `{"class": label, "probabilities": {label: p, ...}}`, the value of a model with one
     output, or `{output: value, ...}` for a model with several."""
     names = [o["name"] for o in model.outputs if o["name"] in outputs] or list(outputs)
-    if model.classes is not None and names[:2] in (["predict", "predict_proba"],):
+    if model.classes is not None and names[:2] == ["predict", "predict_proba"]:
+        keys = [str(label) for label in model.classes]  # JSON object keys are strings
+        others = names[2:]  # outputs a model's postprocess adds
         return [
-            {"class": label, "probabilities": dict(zip(model.classes, row, strict=True))}
-            for label, row in zip(outputs["predict"], outputs["predict_proba"], strict=True)
+            {
+                "class": label,
+                "probabilities": dict(zip(keys, row, strict=True)),
+                **{name: outputs[name][index] for name in others},
+            }
+            for index, (label, row) in enumerate(
+                zip(outputs["predict"], outputs["predict_proba"], strict=True)
+            )
         ]
     if len(names) == 1:
         return outputs[names[0]]

@@ -206,7 +206,7 @@ def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:
             if store.latest(name) is None:
                 estimator, metadata = train(demo, data_dir)
                 with store.staging() as staging:
-                    write_estimator(staging, estimator, {**metadata, "name": name})
+                    write_estimator(staging, estimator, {**metadata, "name": name, "version": "1"})
                     store.install(name, "1", staging)
 
 

@@ -92,7 +92,7 @@ class ModelStore:
         with self.lock():
             version = str(int(self.latest(name) or 0) + 1)
             with self.staging() as staging:
-                write_estimator(staging, estimator, {**metadata, "name": name})
+                write_estimator(staging, estimator, {**metadata, "name": name, "version": version})
                 self.install(name, version, staging)
             return version
 
