@@ -1,1 +1,1 @@
-"""hueyserve: serve scikit-learn models on CPUs through a Huey task queue on Redis."""
+"""hueyserve: serve machine-learning models on CPUs through a Huey task queue on Redis."""

@@ -112,8 +112,9 @@ class WorkerProcess:
 
     def keep_models_published(self) -> None:
         """After every heartbeat: until it has once succeeded, bootstrap and publish the models
-        (Redis may not have been up at start); publish them again if Redis lost its data; and
-        load every active version, so a promotion made elsewhere costs no request a load."""
+        (Redis may not have been up at start); publish them again if Redis lost its data;
+        import folders dropped into this host's store; and load every active version, so a
+        promotion made elsewhere costs no request a load."""
         conn = self.huey.storage.conn
         published = entries(conn)
         if not self._published.is_set() or not published:
@@ -122,4 +123,10 @@ class WorkerProcess:
             self.refresh()
             published = entries(conn)
             self._published.set()
+        else:
+            try:  # a folder dropped into this host's store is served within a heartbeat
+                if self.repository.sync_local():
+                    published = entries(conn)
+            except Exception:  # never the heartbeat's end: the periodic refresh tries again
+                logger.exception("importing this host's model folders failed")
         self.registry.keep_active({(e.name, e.active) for e in published.values()})

@@ -67,7 +67,7 @@ class ModelRepository:
         self.artifacts = artifacts
         self.options = dict(options)
         self._allocate = conn.register_script(wire.ALLOCATE_VERSION_SCRIPT)
-        self._told: set[tuple[str, str]] = set()  # local folders not imported, said once
+        self._told: set[tuple[str, str, int]] = set()  # local folders not imported, said once
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -278,6 +278,9 @@ class ModelRepository:
                     self._forget_or_tell(name, version)
                     continue
                 folder = self.store.folder(name, version)
+                if any(name == n and version == v for n, v, _ in self._told) and (
+                    name, version, _newest(folder)) in self._told:  # fmt: skip
+                    continue  # refused already, and unchanged since
                 try:
                     self.add(name, folder, self.store.metadata(name, version), version=version)
                 except (ModelLoadError, ArtifactError, CatalogError, OSError) as exc:
@@ -299,9 +302,13 @@ class ModelRepository:
                        "deployment already; copy it to a higher version number")  # fmt: skip
 
     def _tell(self, name: str, version: str, why: str) -> None:
-        if (name, version) not in self._told:
-            self._told.add((name, version))
-            logger.error("%s: %s", self.store.folder(name, version), why)
+        """Log once per folder state: a folder still being copied is tried again, and said
+        again, once its files change."""
+        folder = self.store.folder(name, version)
+        state = (name, version, _newest(folder))
+        if state not in self._told:
+            self._told.add(state)
+            logger.error("%s: %s", folder, why)
 
     def ensure_demos(self, data_dir: Path) -> None:
         """Train each demo model once per deployment (not per host): a demo deleted on purpose
@@ -369,3 +376,11 @@ def _matches(folder: Path, files: Mapping[str, Any]) -> bool:
 
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _newest(folder: Path) -> int:
+    """When the folder's files last changed (a folder still being copied changes)."""
+    try:
+        return max((p.stat().st_mtime_ns for p in folder.iterdir()), default=0)
+    except OSError:
+        return 0
