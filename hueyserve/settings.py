@@ -2,6 +2,9 @@
 
 Every setting is listed in the README. Names are the field names upper-cased with the
 `HUEYSERVE_` prefix, except `REDIS_URL`, which keeps its conventional name.
+
+The module is over 300 lines on purpose: every setting with its description and checks in one
+class, the one place the environment is read.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from hueyserve import datasets
 
-#: Estimators a training job may use: each saves with skops and loads with TRUSTED_TYPES.
+#: Estimators a training job may use: each saves with skops and loads with its trusted types.
 ESTIMATORS: dict[str, type[BaseEstimator]] = {
     cls.__name__: cls
     for cls in (

@@ -15,10 +15,12 @@ from schemathesis.config import SchemathesisConfig
 import main
 
 # Training is left out: a generated valid plan would train real models for minutes. Its
-# bad requests have tests of their own (tests/test_lifecycle.py).
+# bad requests have tests of their own (tests/test_lifecycle.py). So are model imports: the
+# multipart bodies schemathesis generates fail inside its own httpx2 transport
+# (RequestNotRead) before reaching the app; tests/test_models.py sends bad imports instead.
 CONFIG = SchemathesisConfig.from_path(Path(__file__).with_name("schemathesis.toml"))
 schema = schemathesis.openapi.from_dict(main.app.openapi(), config=CONFIG).exclude(
-    path_regex=r".*/train$"
+    path_regex=r".*/(train|versions)$"
 )
 
 

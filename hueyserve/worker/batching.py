@@ -14,6 +14,9 @@ is the only place that isolates a bad input.
 
 With `adaptive`, the row limit follows Clipper's AIMD: it grows by `step` after a batch that
 met the latency target and halves after one that missed it.
+
+The module is over 300 lines on purpose: the leader hand-off, the row limit and the isolation
+of a bad part work on the same waiting slots and are read together.
 """
 
 from __future__ import annotations

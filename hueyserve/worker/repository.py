@@ -9,6 +9,9 @@ Every change to the catalog happens here, under the models lock: adding a versio
 a training, a demo, a folder dropped into a host's store), promoting one, deleting.
 A version joins the catalog only once it loaded here, its signature checked and a prediction
 on its example input answered (`check`): the active one keeps serving otherwise.
+
+The module is over 300 lines on purpose: it is every change to the catalog, each under the
+same lock, and what a host's folder adds to it; split, the invariants would span files.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class ModelRepository:
                 data = self._read(metadata, file_name, str(described["sha256"]))
                 (staging / file_name).write_bytes(data)
             write_metadata(staging, {**metadata, "name": name, "version": version})
+            if folder.is_dir() and _matches(folder, files):
+                return folder  # another process of this host fetched it meanwhile
             if folder.exists():
                 logger.warning(
                     "%s: files differ from the catalog's %s version %s; moved aside, fetching "

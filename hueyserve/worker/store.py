@@ -24,18 +24,13 @@ import skops.io
 
 from hueyserve.artifacts import METADATA_FILE, RUNTIME_ARTIFACTS
 from hueyserve.models import MODEL_NAME, VERSION
+from hueyserve.worker.runtimes.sklearn_runtime import TRUSTED_TYPES
 
 ARTIFACT_FILE = "model.skops"  #: what `save` writes (trained models)
 LOCK_FILE = ".lock"
 STAGING_DIR = ".staging"  #: folders being written (trainings, fetches)
 REPLACED_DIR = ".replaced"  #: local folders that disagreed with the catalog, kept for a look
 KNOWN_ARTIFACTS = frozenset(name for names in RUNTIME_ARTIFACTS.values() for name in names)
-
-#: Types a skops file may contain beyond skops' own safe defaults (numpy, sklearn estimators);
-#: operators add more with HUEYSERVE_TRUSTED_TYPES.
-TRUSTED_TYPES: list[str] = [
-    "sklearn.tree._tree.Tree",
-]
 
 
 class ModelStore:
@@ -84,7 +79,8 @@ class ModelStore:
 
     def load(self, name: str, version: str) -> Any:
         """The scikit-learn estimator saved as `name` `version` (trusted types only)."""
-        return skops.io.load(self.folder(name, version) / ARTIFACT_FILE, trusted=TRUSTED_TYPES)
+        path = self.folder(name, version) / ARTIFACT_FILE
+        return skops.io.load(path, trusted=list(TRUSTED_TYPES))
 
     def save(self, name: str, estimator: Any, metadata: dict[str, Any]) -> str:
         """Write an estimator as the next version of this folder (as if dropped here by hand:
