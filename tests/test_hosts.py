@@ -105,7 +105,9 @@ def answers_by_host(
 def test_two_hosts_without_a_shared_disk_serve_one_model_everywhere(
     deployment: Deployment, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
-    catalog = entries(redis_conn)
+    catalog = wait_for(
+        lambda: (found := entries(redis_conn)).keys() >= DEMOS.keys() and found, "both demos"
+    )
     assert {name: catalog[name].version_list() for name in DEMOS} == {n: ["1"] for n in DEMOS}
     made = [name for name, folder in deployment.folders.items() if (folder / "iris").exists()]
     assert made, "a host made the demos"
