@@ -142,7 +142,7 @@ def reload_model(
 ) -> dict[str, Any]:
     """Make `version` active (pinned), or the newest (unpinned) when None."""
     if version is None:  # "the newest": a folder just dropped into this host's store too
-        worker.repository.sync_local()
+        worker.repository.sync_local(settle_s=0)
     previous, entry = worker.promoter.promote(name, version)
     worker.records.done(task.id)
     return {

@@ -49,7 +49,13 @@ from hueyserve.api.schemas import (
     TrainRequest,
 )
 from hueyserve.api.services import Services, Tasks
-from hueyserve.api.v1 import decode_instances, decode_texts, encode_predictions, text_input
+from hueyserve.api.v1 import (
+    decode_instances,
+    decode_texts,
+    encode_predictions,
+    rows_of,
+    text_input,
+)
 from hueyserve.api.validation import parse_json_body, validation_failure
 from hueyserve.errors import RedisUnavailable, ResultUnavailable, ServiceError
 from hueyserve.models import ModelVersion
@@ -390,7 +396,7 @@ async def infer_v2(
 @app.post(paths.JOBS, status_code=202, response_model=JobAccepted, summary="Submit an async job")
 async def submit_job(body: JobSubmit, api: Api, idempotency_key: IdempotencyKey) -> JSONResponse:
     model = api.catalog.get(body.model, body.version)
-    features = decode_instances(model, body.instances, max_rows=settings.max_instances)
+    features = rows_of(model, body.instances, max_rows=settings.max_instances)
     accepted = await api.jobs.submit(
         model, features, priority=body.priority, deadline_s=body.timeout,
         idempotency_key=idempotency_key,

@@ -180,6 +180,7 @@ class ArtifactStore:
     def __init__(self, conn: redis.Redis, *, max_bytes: int) -> None:
         self.conn = conn
         self.max_bytes = max_bytes
+        self._store = conn.register_script(wire.STORE_ARTIFACT_SCRIPT)
 
     def put(self, data: bytes) -> str:
         """Upload `data` (if Redis lacks it) and return its SHA-256."""
@@ -198,10 +199,7 @@ class ArtifactStore:
                 pipe.append(staging, data[start : start + CHUNK_BYTES])
                 pipe.expire(staging, UPLOAD_TTL_S)
                 pipe.execute()
-        with self.conn.pipeline() as pipe:  # whole or not at all
-            pipe.rename(staging, key)
-            pipe.expire(key, UPLOAD_TTL_S)
-            pipe.execute()
+        self._store(keys=[staging, key], args=[UPLOAD_TTL_S])  # whole or not at all
         return digest
 
     def get(self, digest: str) -> bytes:

@@ -39,7 +39,7 @@ JOB_KEY_PREFIX = "hueyserve:job:"  #: + job id -> hash (hueyserve.jobs), TTL = r
 IDEMPOTENCY_PREFIX = "hueyserve:idempotency:"  #: + the client's Idempotency-Key -> job id
 RESULT_CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process: wake-ups
 MODELS_KEY = "hueyserve:models"  #: hash: name -> ModelEntry JSON (hueyserve.models)
-MODELS_CHANNEL = "hueyserve:models:changed"  #: pub/sub: the same JSON on every change
+MODELS_CHANNEL = "hueyserve:models:changed"  #: pub/sub: an entry's JSON, or {"deleted": name}
 MODELS_LOCK_KEY = "hueyserve:models:lock"  #: held by a worker while it changes an entry
 #: hash: name -> the highest version ever allocated to it, in the whole deployment
 VERSIONS_KEY = "hueyserve:models:versions"
@@ -225,6 +225,18 @@ local wanted = tonumber(ARGV[2])
 if wanted <= last then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], wanted)
 return wanted
+"""
+
+#: API, workers. KEYS: an artifact's upload, the artifact. ARGV: the upload's TTL. The upload
+#: becomes the artifact, expiring, unless the artifact exists already (it may be published:
+#: then it must not start to expire); answers 1 if it did.
+STORE_ARTIFACT_SCRIPT = """
+if redis.call('RENAMENX', KEYS[1], KEYS[2]) == 1 then
+    redis.call('EXPIRE', KEYS[2], ARGV[1])
+    return 1
+end
+redis.call('DEL', KEYS[1])
+return 0
 """
 
 #: API. KEYS: the job record, Huey's revoke key for the task. ARGV: now, revoke value, ttl.

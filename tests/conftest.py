@@ -48,6 +48,11 @@ from hueyserve.worker.store import ModelStore
 from tests.helpers import services_of, wait_for
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Also when no test ran (a collection error): leave no session folder behind."""
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def redis_server() -> Iterator[EmbeddedRedis]:
     """One throw-away redis-server for the session (no persistence)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from sklearn.pipeline import make_pipeline
 import core
 from hueyserve import wire
 from hueyserve.worker.publishing import entries
+from tests.helpers import poll_job
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 DIABETES_X, DIABETES_Y = load_diabetes(return_X_y=True)
@@ -151,6 +153,29 @@ def test_a_text_pipeline_takes_strings_and_names_its_input_when_not(
     body = {"inputs": [{"name": "text", "shape": [3, 1], "datatype": "BYTES", "data": asked}]}
     v2 = client.post("/v2/models/sentiment/infer", json=body).json()
     assert v2["outputs"][0]["data"] == pipeline.predict(asked).tolist()
+    # Triton's binary BYTES layout, as tritonclient sends strings: a length before each.
+    raw = b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in asked)
+    header = json.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES",
+                         "parameters": {"binary_data_size": len(raw)}}]}).encode()  # fmt: skip
+    binary = client.post(
+        "/v2/models/sentiment/infer",
+        content=header + raw,
+        headers={"Inference-Header-Content-Length": str(len(header)),
+                 "Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+    assert binary.status_code == 200, binary.text
+    assert binary.json()["outputs"][0]["data"] == pipeline.predict(asked).tolist()
+    cut = client.post(
+        "/v2/models/sentiment/infer",
+        content=header + raw[:-3],
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert cut.status_code == 400 and "binary_data_size" in cut.json()["error"]
+    job = client.post("/v1/jobs", json={"model": "sentiment", "instances": asked}).json()
+    done = poll_job(client, job["job_id"])
+    assert [p["class"] for p in done["result"]["predictions"]] == pipeline.predict(asked).tolist()
+    bad_job = client.post("/v1/jobs", json={"model": "sentiment", "instances": ["ok", 3]})
+    assert bad_job.status_code == 422 and "instances[1]" in bad_job.json()["error"]
     numbers = client.post("/v1/models/sentiment:predict", json={"instances": [[1.0, 2.0]]})
     assert numbers.status_code == 422 and "takes text (input 'text')" in numbers.json()["error"]
     body["inputs"][0].update(datatype="FP32", data=[1.0, 2.0, 3.0])

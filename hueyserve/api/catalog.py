@@ -12,12 +12,13 @@ import contextlib
 import logging
 import time
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 
 from hueyserve.errors import ModelNotFound, ServiceUnavailable
 from hueyserve.models import ModelEntry, ModelVersion, parse_entries
-from hueyserve.wire import MODELS_CHANNEL, MODELS_KEY
+from hueyserve.wire import MODELS_CHANNEL, MODELS_KEY, VERSIONS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ class ModelCatalog:
 
     async def resync(self) -> None:
         found = await self.client.hgetall(MODELS_KEY)
-        if not found and self.models:
-            # Redis lost its data (restart without persistence); workers republish within a
-            # heartbeat. Until then the last known versions are better than 404s.
+        if not found and self.models and not await self.client.exists(VERSIONS_KEY):
+            # Redis lost its data (restart without persistence): workers republish within a
+            # heartbeat; until then the last known versions are better than 404s. (With the
+            # version counts still there, the last model was deleted on purpose.)
             self.synced_at = time.monotonic()
             return
         parsed = parse_entries(found)
@@ -70,6 +72,21 @@ class ModelCatalog:
         self.models = {**self.models, entry.name: entry}
         if previous is None or previous.active != entry.active:
             logger.info("model %s: version %s is now active", entry.name, entry.active)
+
+    def _take(self, data: bytes) -> None:
+        """A published change: an entry, or a model deleted."""
+        try:
+            deleted = orjson.loads(data).get("deleted")
+        except (orjson.JSONDecodeError, AttributeError):
+            deleted = None
+        if isinstance(deleted, str):
+            models = dict(self.models)
+            if models.pop(deleted, None) is not None:
+                self.models = models
+                logger.info("model %s deleted", deleted)
+            return
+        for entry in parse_entries({"message": data}).values():
+            self.apply(entry)
 
     async def follow(self) -> None:
         """Apply changes as they are published; run as a background task until cancelled."""
@@ -93,8 +110,7 @@ class ModelCatalog:
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
-                    for entry in parse_entries({"message": message["data"]}).values():
-                        self.apply(entry)
+                    self._take(message["data"])
                 if self.synced_at is None or time.monotonic() - self.synced_at > self.resync_s:
                     await self.resync()
         finally:

@@ -29,11 +29,17 @@ from hueyserve.errors import (
     InvalidInput,
     PayloadTooLarge,
     PredictionFailed,
+    ServiceUnavailable,
     UnsupportedMediaType,
 )
 from hueyserve.jobs import RELOAD_PRIORITY, JobKind
 from hueyserve.settings import Settings
 
+#: Errors a worker raises for a version or a request that cannot be served as sent: the
+#: client's to fix (422, 409). Any other failure of an import or delete is ours (503).
+REFUSALS = frozenset(
+    {"ModelLoadError", "OutputMismatch", "ArtifactError", "ArtifactTooLarge", "CatalogError"}
+)
 MAX_FILES = 64  #: files in one import (a python runtime model may bring several)
 MAX_METADATA_BYTES = 1024 * 1024
 
@@ -145,6 +151,8 @@ class ModelAdmin:
         except PredictionFailed as exc:
             record, _ = await self.queue.job(job_id)  # its error reads better than Huey's repr
             reason = record.get("error") or exc.message
+            if reason.partition(":")[0] not in REFUSALS:  # our fault (a lock, Redis): retry
+                raise ServiceUnavailable(f"the {kind.value} failed: {reason}; try again") from None
             if kind is JobKind.DELETE:
                 raise Conflict(reason) from None
             raise InvalidInput(

@@ -27,6 +27,24 @@ def check_features(model: ModelVersion, features: np.ndarray, *, max_rows: int) 
     return features
 
 
+#: Rows of text travel as one fixed-width array: every row as wide as the longest. A request
+#: whose rows would take more characters than this (16 MiB of memory) is refused.
+MAX_TEXT_CELLS = 4 * 1024 * 1024
+
+
+def text_rows(texts: list[str], *, max_rows: int) -> np.ndarray:
+    """A text model's rows as the wire carries them (a 1-D str array), or the 4xx."""
+    check_count(len(texts), max_rows=max_rows)
+    longest = max(len(text) for text in texts)
+    if longest * len(texts) > MAX_TEXT_CELLS:
+        raise PayloadTooLarge(
+            f"{len(texts)} texts of up to {longest} characters: every row is held as wide as "
+            f"the longest, at most {MAX_TEXT_CELLS} characters in all; send long texts in "
+            "requests of their own"
+        )
+    return np.asarray(texts, dtype=str)
+
+
 def check_count(rows: int, *, max_rows: int) -> None:
     if rows > max_rows:
         raise PayloadTooLarge(

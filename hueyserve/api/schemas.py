@@ -16,6 +16,10 @@ Row = Annotated[list[Feature], Field(min_length=1)]
 Instances = Annotated[list[Row], Field(min_length=1, description="Rows of features.")]
 #: Longest string any request field may hold (names, ids, parameter values).
 MAX_STRING = 4096
+#: Longest string one text instance may hold (the body limit bounds them all together).
+MAX_TEXT = 1_000_000
+Text = Annotated[str, Field(strict=True, max_length=MAX_TEXT)]
+Texts = Annotated[list[Text], Field(min_length=1, description="One text per row.")]
 #: Strict: `false` or `50.0` is not a priority.
 Priority = Annotated[int, Field(strict=True, ge=0, le=100, description="0-100; higher runs first.")]
 #: Longest duration a request may ask for (a job's deadline, a wait): longer ones overflow
@@ -53,11 +57,6 @@ class PredictRequest(BaseModel):
     )
 
 
-#: Longest string one text instance may hold (the body limit bounds them all together).
-MAX_TEXT = 1_000_000
-Text = Annotated[str, Field(strict=True, max_length=MAX_TEXT)]
-
-
 class TextPredictRequest(BaseModel):
     """KServe v1 predict body of a text model (one whose input is BYTES): one string per
     instance."""
@@ -66,7 +65,7 @@ class TextPredictRequest(BaseModel):
         json_schema_extra={"examples": [{"instances": ["a fine film", "dull and long"]}]}
     )
 
-    instances: Annotated[list[Text], Field(min_length=1, description="One text per row.")]
+    instances: Texts
     priority: Priority | None = None
     timeout: Duration | None = None
 
@@ -84,13 +83,18 @@ class JobSubmit(BaseModel):
     """An explicit async job: which model, which rows, how urgent."""
 
     model_config = ConfigDict(
-        str_max_length=MAX_STRING,
         json_schema_extra={"examples": [{"model": "diabetes", "instances": EXAMPLE_JSON}]},
     )
 
     model: str = Field(min_length=1, max_length=200)
-    version: str | None = Field(default=None, description="A version; the active one if unset.")
-    instances: Instances
+    version: str | None = Field(
+        default=None, max_length=200, description="A version; the active one if unset."
+    )
+    #: Checked once the model is known (hueyserve.api.v1.rows_of): numbers, or text.
+    instances: list[JsonValue] = Field(
+        min_length=1,
+        description="Rows of numbers; for a text model (input BYTES), one string per row.",
+    )
     priority: Priority | None = None
     timeout: Duration | None = Field(
         default=None,

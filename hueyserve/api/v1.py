@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
-from hueyserve.api.inputs import check_count, check_features, expects
+from hueyserve.api.inputs import check_count, check_features, expects, text_rows
+from hueyserve.api.schemas import Instances, Texts
+from hueyserve.api.validation import validation_failure
 from hueyserve.errors import InvalidInput
 from hueyserve.models import ModelVersion, Outputs
 
@@ -22,10 +25,30 @@ def decode_instances(
     return check_features(model, np.asarray(instances, dtype=np.float64), max_rows=max_rows)
 
 
+_ROWS: TypeAdapter[list[list[float]]] = TypeAdapter(Instances)
+_TEXTS: TypeAdapter[list[str]] = TypeAdapter(Texts)
+
+
+def rows_of(model: ModelVersion, instances: list[Any], *, max_rows: int) -> np.ndarray:
+    """A job's `instances` (any JSON so far) checked as the model takes them: rows of numbers,
+    or one string per row for a text model; the 422 names the instance that is wrong."""
+    try:
+        if model.takes_text:
+            return decode_texts(model, _TEXTS.validate_python(instances), max_rows=max_rows)
+        rows = _ROWS.validate_python(instances)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_input=False)
+        located = [{**p, "loc": ("body", "instances", *p["loc"])} for p in problems]
+        failure = validation_failure(located, "application/json")
+        raise InvalidInput(
+            f"{text_input(model)}; {failure.message}" if model.takes_text else failure.message
+        ) from None
+    return decode_instances(model, rows, max_rows=max_rows)
+
+
 def decode_texts(model: ModelVersion, instances: list[str], *, max_rows: int) -> np.ndarray:
     """A text model's instances (one string each) as the rows the workers take."""
-    check_count(len(instances), max_rows=max_rows)
-    return np.asarray(instances, dtype=str)
+    return text_rows(instances, max_rows=max_rows)
 
 
 def text_input(model: ModelVersion) -> str:

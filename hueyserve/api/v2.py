@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, ValidationError
 
+from hueyserve.api.inputs import text_rows
 from hueyserve.api.schemas import MAX_DURATION_S, MAX_STRING
 from hueyserve.api.validation import validation_failure
 from hueyserve.errors import (
@@ -224,9 +225,7 @@ def decode_texts(
         raise InvalidInput(
             f"input {name!r} has {len(texts)} strings but shape {shape} needs {shape[0]}"
         )
-    if not texts:
-        raise InvalidInput("no instances: send at least one row")
-    return np.asarray(texts, dtype=str)
+    return text_rows(texts, max_rows=max_rows)
 
 
 def _json_texts(name: str, data: JsonValue) -> list[str]:

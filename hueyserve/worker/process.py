@@ -15,7 +15,7 @@ from hueyserve import metrics
 from hueyserve.artifacts import ArtifactStore
 from hueyserve.cache import PredictionCache
 from hueyserve.settings import Settings
-from hueyserve.wire import eviction_problem, secret_proof
+from hueyserve.wire import VERSIONS_KEY, eviction_problem, secret_proof
 from hueyserve.worker.batching import Batchers, BatchPolicy
 from hueyserve.worker.fitting import Trainer
 from hueyserve.worker.heartbeat import Heartbeat
@@ -117,7 +117,8 @@ class WorkerProcess:
         promotion made elsewhere costs no request a load."""
         conn = self.huey.storage.conn
         published = entries(conn)
-        if not self._published.is_set() or not published:
+        lost = not published and not conn.exists(VERSIONS_KEY)  # not all deleted on purpose
+        if not self._published.is_set() or lost:
             if self._published.is_set():
                 logger.warning("the model index is gone from Redis; republishing")
             self.refresh()

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+import orjson
 import redis
 
 from hueyserve.models import ModelEntry, parse_entries
@@ -30,8 +31,11 @@ def publish(conn: redis.Redis, entry: ModelEntry) -> None:
 
 
 def withdraw(conn: redis.Redis, name: str) -> None:
-    """Stop serving `name`; API processes drop it at their next full reread."""
-    conn.hdel(MODELS_KEY, name)
+    """Stop serving `name`: every API process drops it at once."""
+    with conn.pipeline() as pipe:
+        pipe.hdel(MODELS_KEY, name)
+        pipe.publish(MODELS_CHANNEL, orjson.dumps({"deleted": name}))
+        pipe.execute()
 
 
 def entries(conn: redis.Redis) -> dict[str, ModelEntry]:
@@ -65,20 +69,22 @@ class Promoter:
     ) -> tuple[ModelEntry | None, ModelEntry]:
         """Make `version` active and pin it there, or with None the newest, unpinned; returns
         the entry before and after. The version is loaded here first."""
+        found = self.entry(name)
+        chosen = version or found.version_list()[-1]
+        if chosen not in found.versions:
+            raise PromotionError(f"model {name!r} has no version {chosen!r}")
+        try:  # loaded here first, outside the lock: a large model may take a while
+            self.registry.get(name, chosen)
+        except Exception as exc:
+            raise PromotionError(
+                f"{name} version {chosen} does not load ({exc}); the active version stays as it was"
+            ) from exc
         with self.locked():
             old = entries(self.conn).get(name)
-            if old is None:
-                raise PromotionError(f"no model {name!r} in the catalog")
-            chosen = version or old.version_list()[-1]
-            if chosen not in old.versions:
-                raise PromotionError(f"model {name!r} has no version {chosen!r}")
-            try:
-                self.registry.get(name, chosen)
-            except Exception as exc:
-                raise PromotionError(
-                    f"{name} version {chosen} does not load ({exc}); the active version "
-                    "stays as it was"
-                ) from exc
+            if old is None or chosen not in old.versions:
+                raise PromotionError(f"{name} version {chosen} was deleted meanwhile")
+            if version is None:  # "the newest": a version added meanwhile is newer still
+                chosen = max(chosen, old.version_list()[-1], key=int)
             entry = ModelEntry(name, chosen, old.versions, pinned=version is not None)
             if entry != old:
                 publish(self.conn, entry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from hueyserve.models import Outputs, check_name_and_version
 from hueyserve.worker.runtimes.base import ModelLoadError, Runtime, Signature, Tensor
 
 logger = logging.getLogger(__name__)
+
+RETRY_LOAD_S = 30.0  #: an active version that failed to load is tried again this much later
 
 #: Arrays by output name, one entry per row (before `finish` turns them into lists).
 Arrays = dict[str, np.ndarray]
@@ -129,7 +132,8 @@ class ModelRegistry:
         self._active: dict[tuple[str, str], LoadedModel] = {}
         self._loaded: LRUCache[tuple[str, str], LoadedModel] = LRUCache(maxsize=max_loaded)
         self._pinned: dict[tuple[str, str], LoadedModel] = {}
-        self._failed: set[tuple[str, str]] = set()  # said once that they do not load
+        #: versions that failed to load: when to try again, and why
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str, version: str) -> LoadedModel:
@@ -152,12 +156,14 @@ class ModelRegistry:
                 if key in self._loaded:
                     self._active[key] = self._loaded.pop(key)
                     continue
+                if time.monotonic() < self._failed.get(key, (0.0, ""))[0]:
+                    continue  # failed lately: not fetched again every heartbeat
                 try:
                     self._active[key] = self.loader(*key)
                 except Exception as exc:  # its requests fail with the reason; others go on
                     if key not in self._failed:
-                        self._failed.add(key)
                         logger.error("%s version %s does not load here: %s", *key, exc)
+                    self._failed[key] = (time.monotonic() + RETRY_LOAD_S, str(exc))
             for key in set(self._active) - active:
                 self._loaded[key] = self._active.pop(key)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,9 @@ from hueyserve.worker.store import ModelStore, write_estimator, write_metadata
 logger = logging.getLogger(__name__)
 
 MAX_CLAIMED_VERSION = 2**53  #: Redis counts in doubles: higher numbers are not exact
+SETTLE_S = 2.0  #: a dropped folder is imported once its files are this old
+FORGET_AFTER_S = 600.0  #: a deleted version's local copy goes once this old
+_NO_ENTRY = ModelEntry("-", "1", {"1": {}})
 
 
 class CatalogError(ValueError):
@@ -70,7 +75,8 @@ class ModelRepository:
         self.artifacts = artifacts
         self.options = dict(options)
         self._allocate = conn.register_script(wire.ALLOCATE_VERSION_SCRIPT)
-        self._told: set[tuple[str, str, int]] = set()  # local folders not imported, said once
+        self._told: set[tuple[str, str, int, int]] = set()  # folders not imported, said once
+        self._syncing = threading.Lock()
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -96,6 +102,8 @@ class ModelRepository:
         files: dict[str, Any] = dict(metadata.get("files") or {})
         if not files:  # a version from before the catalog held files (0.2): local only
             return folder
+        for file_name in files:
+            check_file_name(file_name)  # read from Redis: never a path out of the folder
         if folder.is_dir() and _matches(folder, files):
             return folder
         with self.store.staging() as staging:
@@ -103,14 +111,15 @@ class ModelRepository:
                 data = self._read(metadata, file_name, str(described["sha256"]))
                 (staging / file_name).write_bytes(data)
             write_metadata(staging, {**metadata, "name": name, "version": version})
-            if folder.is_dir() and _matches(folder, files):
-                return folder  # another process of this host fetched it meanwhile
-            if folder.exists():
-                logger.warning(
-                    "%s: files differ from the catalog's %s version %s; moved aside, fetching "
-                    "the catalog's", folder, name, version,
-                )  # fmt: skip
-            self.store.install(name, version, staging)
+            with self.store.lock():  # one process of this host checks and installs at a time
+                if folder.is_dir() and _matches(folder, files):
+                    return folder  # another process of this host fetched it meanwhile
+                if folder.exists():
+                    logger.warning(
+                        "%s: files differ from the catalog's %s version %s; moved aside, "
+                        "fetching the catalog's", folder, name, version,
+                    )  # fmt: skip
+                self.store.install(name, version, staging)
         return folder
 
     def _read(self, metadata: Mapping[str, Any], file_name: str, digest: str) -> bytes:
@@ -126,8 +135,8 @@ class ModelRepository:
             data = self.artifacts.get(digest)
         if sha256_of(data) != digest:
             raise ArtifactError(
-                f"{file_name}: its SHA-256 is {sha256_of(data)}, the catalog says {digest}; "
-                "the file was changed after its import: import it again"
+                f"{file_name}: its SHA-256 is not the {digest} the catalog has; the file was "
+                "changed after its import: import it again"
             )
         return data
 
@@ -186,20 +195,28 @@ class ModelRepository:
         a folder dropped into this host's store), publish its artifacts and add it to the
         catalog; active when `activate`, unless an operator pinned another."""
         model, full = self.check(name, folder, metadata)
-        digests = [str(f["sha256"]) for f in full["files"].values()]
-        if not full.get("uri"):
+        through_redis = not full.get("uri")
+        if through_redis:
             for file_name in full["files"]:
                 self.artifacts.put((folder / file_name).read_bytes())
+        # Numbers come from an atomic script, and the folder is copied, outside the lock: it
+        # is held only to read, change and publish the entry (a lapsed lock would let another
+        # change be overwritten).
+        number = self._allocate_version(name, version)
+        full = {**full, "name": name, "version": number}
+        if folder == self.store.folder(name, number):
+            write_metadata(folder, full)  # a dropped folder: now with its SHA-256s
+        else:
+            with self.store.staging() as staging:
+                shutil.copytree(folder, staging, dirs_exist_ok=True)
+                write_metadata(staging, full)
+                self.store.install(name, number, staging)
         with self.locked():
-            number = self._allocate_version(name, version)
-            if not full.get("uri"):
-                self.artifacts.keep(digests)
-            full = {**full, "name": name, "version": number}
-            if folder != self.store.folder(name, number):
-                with self.store.staging() as staging:
-                    shutil.copytree(folder, staging, dirs_exist_ok=True)
-                    write_metadata(staging, full)
-                    self.store.install(name, number, staging)
+            if through_redis:  # a delete meanwhile may have collected a file it shares
+                for file_name, described in full["files"].items():
+                    if not self.conn.exists(wire.artifact_key(described["sha256"])):
+                        self.artifacts.put((folder / file_name).read_bytes())
+                self.artifacts.keep([str(f["sha256"]) for f in full["files"].values()])
             old = entries(self.conn).get(name)
             versions = {**(old.versions if old else {}), number: full}
             pinned = old.pinned if old else False
@@ -267,10 +284,20 @@ class ModelRepository:
 
     # --- this host's folder -------------------------------------------------------------------
 
-    def sync_local(self) -> dict[str, str]:
+    def sync_local(self, settle_s: float = SETTLE_S) -> dict[str, str]:
         """Import versions found in this host's folder that the deployment never allocated
         (dropped there by hand, or left from before a Redis that lost its data); forget local
-        copies of versions deleted elsewhere. {name: version} of those imported."""
+        copies of versions deleted elsewhere. {name: version} of those imported. One run at
+        a time per process (the heartbeat, the refresh and a reload all call it). A folder
+        whose files changed in the last `settle_s` may still be being copied: it waits."""
+        if not self._syncing.acquire(blocking=settle_s == 0):  # a reload waits its turn
+            return {}
+        try:
+            return self._sync_local(settle_s)
+        finally:
+            self._syncing.release()
+
+    def _sync_local(self, settle_s: float) -> dict[str, str]:
         current = entries(self.conn)
         imported = {}
         for name in self.store.names():
@@ -279,17 +306,23 @@ class ModelRepository:
                 known = entry.versions.get(version) if entry else None
                 if known is not None and known.get("files"):
                     continue  # this host's copy of a catalog version
-                if self._allocated(name) >= int(version) and known is None:
-                    self._forget_or_tell(name, version)
-                    continue
                 folder = self.store.folder(name, version)
-                if any(name == n and version == v for n, v, _ in self._told) and (
-                    name, version, _newest(folder)) in self._told:  # fmt: skip
+                state = _state(folder)
+                if time.time() - state[0] / 1e9 < settle_s:
+                    continue  # still being written (copied in by hand, or installed now)
+                if self._allocated(name) >= int(version) and known is None:
+                    self._forget_or_tell(name, version, state)
+                    continue
+                if (name, version, *state) in self._told:
                     continue  # refused already, and unchanged since
                 try:
                     self.add(name, folder, self.store.metadata(name, version), version=version)
-                except (ModelLoadError, ArtifactError, CatalogError, OSError) as exc:
-                    self._tell(name, version, f"cannot be imported: {exc}")
+                except CatalogError:
+                    if version not in (entries(self.conn).get(name) or _NO_ENTRY).versions:
+                        self._tell(name, version, state, "was claimed by another host first")
+                    continue  # else another process of this host imported it meanwhile
+                except (ModelLoadError, ArtifactError, OSError) as exc:
+                    self._tell(name, version, state, f"cannot be imported: {exc}")
                     continue
                 imported[name] = version
         return imported
@@ -297,23 +330,22 @@ class ModelRepository:
     def _allocated(self, name: str) -> int:
         return int(self.conn.hget(wire.VERSIONS_KEY, name) or 0)
 
-    def _forget_or_tell(self, name: str, version: str) -> None:
+    def _forget_or_tell(self, name: str, version: str, state: tuple[int, int]) -> None:
         """A local version the catalog lacks but whose number was allocated: a copy hueyserve
-        wrote of a version deleted since (removed), or a folder dropped under a taken number."""
+        wrote of a version deleted since (removed once it is old enough not to be one being
+        added right now), or a folder dropped under a taken number."""
         if self.store.metadata(name, version).get("files"):
-            self.store.remove(name, version)
+            if time.time() - state[0] / 1e9 > FORGET_AFTER_S:
+                self.store.remove(name, version)
         else:
-            self._tell(name, version, "is not served: its number was allocated in this "
-                       "deployment already; copy it to a higher version number")  # fmt: skip
+            self._tell(name, version, state, "is not served: its number was allocated in "
+                       "this deployment already; copy it to a higher version number")  # fmt: skip
 
-    def _tell(self, name: str, version: str, why: str) -> None:
-        """Log once per folder state: a folder still being copied is tried again, and said
-        again, once its files change."""
-        folder = self.store.folder(name, version)
-        state = (name, version, _newest(folder))
-        if state not in self._told:
-            self._told.add(state)
-            logger.error("%s: %s", folder, why)
+    def _tell(self, name: str, version: str, state: tuple[int, int], why: str) -> None:
+        """Log once per folder state: a folder changed since is tried, and said, again."""
+        if (name, version, *state) not in self._told:
+            self._told.add((name, version, *state))
+            logger.error("%s: %s", self.store.folder(name, version), why)
 
     def ensure_demos(self, data_dir: Path) -> None:
         """Train each demo model once per deployment (not per host): a demo deleted on purpose
@@ -383,9 +415,11 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def _newest(folder: Path) -> int:
-    """When the folder's files last changed (a folder still being copied changes)."""
+def _state(folder: Path) -> tuple[int, int]:
+    """When the folder's files last changed, and their total size: a folder still being
+    copied changes in one or the other."""
     try:
-        return max((p.stat().st_mtime_ns for p in folder.iterdir()), default=0)
+        stats = [p.stat() for p in folder.iterdir()]
     except OSError:
-        return 0
+        return (0, 0)
+    return (max((st.st_mtime_ns for st in stats), default=0), sum(st.st_size for st in stats))
