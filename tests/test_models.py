@@ -8,6 +8,7 @@ import concurrent.futures
 import hashlib
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,10 @@ def test_a_text_pipeline_takes_strings_and_names_its_input_when_not(
     assert [p["class"] for p in done["result"]["predictions"]] == pipeline.predict(asked).tolist()
     bad_job = client.post("/v1/jobs", json={"model": "sentiment", "instances": ["ok", 3]})
     assert bad_job.status_code == 422 and "instances[1]" in bad_job.json()["error"]
+    padded = client.post(  # 0.9 MB of text, but 4.5 M characters once each row is padded
+        "/v1/models/sentiment:predict", json={"instances": ["x" * 900_000, *"abcd"]}
+    )
+    assert padded.status_code == 413 and "requests of their own" in padded.json()["error"]
     numbers = client.post("/v1/models/sentiment:predict", json={"instances": [[1.0, 2.0]]})
     assert numbers.status_code == 422 and "takes text (input 'text')" in numbers.json()["error"]
     body["inputs"][0].update(datatype="FP32", data=[1.0, 2.0, 3.0])
@@ -313,6 +318,12 @@ def test_versions_and_models_are_deleted_and_their_artifacts_freed(
     assert client.get("/v1/models/flowers").status_code == 404
     assert set(redis_conn.scan_iter(match=wire.artifact_key("*"))) == demos
     assert client.delete("/v1/models/flowers").status_code == 404
+    for name in ("diabetes", "iris"):  # the last ones too: gone, not "Redis lost its data"
+        assert client.delete(f"/v1/models/{name}").status_code == 200
+    assert client.get("/v1/models").json() == {"models": []}
+    time.sleep(1.5)  # past a full reread of the catalog (HUEYSERVE_CATALOG_RESYNC_S=1)
+    assert client.get("/v1/models").json() == {"models": []}
+    assert not set(redis_conn.scan_iter(match=wire.artifact_key("*")))
 
 
 SLOW_MODEL = """
