@@ -142,7 +142,7 @@ def reload_model(
 ) -> dict[str, Any]:
     """Make `version` active (pinned), or the newest (unpinned) when None."""
     if version is None:  # "the newest": a folder just dropped into this host's store too
-        worker.repository.sync_local(settle_s=0)
+        worker.repository.sync_local(settle_s=0, wait=True)
     previous, entry = worker.promoter.promote(name, version)
     worker.records.done(task.id)
     return {
@@ -205,7 +205,7 @@ def version_summary(entry: ModelEntry, version: str) -> dict[str, Any]:
 def refresh_models() -> dict[str, str]:
     """Import the versions found in this host's model folder that the deployment never had,
     and create the demo models once per deployment; returns {name: version} imported."""
-    imported = worker.repository.sync_local()
+    imported = worker.repository.sync_local(wait=True)  # whole, before any demo is trained
     worker.repository.ensure_demos(settings.dataset_dir)
     return imported
 

@@ -28,7 +28,15 @@ class ModelNameConvertor(StringConvertor):
     regex = MODEL_NAME.pattern
 
 
+class VersionConvertor(StringConvertor):
+    """`{version:version}`: no ':' either, so `DELETE …/versions/1` is not a method of the
+    `…/versions/1:predict` route."""
+
+    regex = "[^/:]+"
+
+
 register_url_convertor("model", ModelNameConvertor())
+register_url_convertor("version", VersionConvertor())
 
 # KServe v1 and jobs
 V1_MODELS = "/v1/models"
@@ -38,7 +46,7 @@ V1_PREDICT_VERSION = "/v1/models/{name:model}/versions/{version}:predict"
 V1_TRAIN = "/v1/models/{name:model}/train"
 V1_RELOAD = "/v1/models/{name:model}/reload"
 V1_VERSIONS = "/v1/models/{name:model}/versions"  #: POST: import a version (admin)
-V1_VERSION = "/v1/models/{name:model}/versions/{version}"  #: DELETE: a version (admin)
+V1_VERSION = "/v1/models/{name:model}/versions/{version:version}"  #: DELETE: a version (admin)
 JOBS = "/v1/jobs"
 JOB = "/v1/jobs/{job_id}"
 PURGE = "/v1/queue/purge"

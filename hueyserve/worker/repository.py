@@ -284,13 +284,14 @@ class ModelRepository:
 
     # --- this host's folder -------------------------------------------------------------------
 
-    def sync_local(self, settle_s: float = SETTLE_S) -> dict[str, str]:
+    def sync_local(self, settle_s: float = SETTLE_S, *, wait: bool = False) -> dict[str, str]:
         """Import versions found in this host's folder that the deployment never allocated
         (dropped there by hand, or left from before a Redis that lost its data); forget local
         copies of versions deleted elsewhere. {name: version} of those imported. One run at
-        a time per process (the heartbeat, the refresh and a reload all call it). A folder
-        whose files changed in the last `settle_s` may still be being copied: it waits."""
-        if not self._syncing.acquire(blocking=settle_s == 0):  # a reload waits its turn
+        a time per process (the heartbeat, the refresh and a reload all call it; with `wait`,
+        for the run in progress to end, else skipped). A folder whose files changed in the
+        last `settle_s` may still be being copied: it waits for a later run."""
+        if not self._syncing.acquire(blocking=wait):
             return {}
         try:
             return self._sync_local(settle_s)
@@ -358,7 +359,9 @@ class ModelRepository:
             for name, plan in DEMOS.items():
                 if name in done:
                     continue
-                if name not in current:
+                # One in this host's folder is being imported (or will be, once settled):
+                # training another would give the deployment two demos of one name.
+                if name not in current and not self.store.versions(name):
                     logger.info("the catalog has no %s: training the demo model", name)
                     estimator, metadata = train(plan, data_dir)
                     with self.store.staging() as staging:

@@ -139,6 +139,17 @@ class Runtime:
                 return name
         return default
 
+    def probed_signature(self, n_features: int, datatype: str) -> Signature:
+        """One input of `n_features` numbers and one output, `predict`, shaped as the answer
+        for one row of zeros is (a booster's: [-1], or [-1, classes])."""
+        probe = np.asarray(self.predict(np.zeros((1, n_features)))["predict"])
+        classes = self.metadata.get("classes")
+        return Signature(
+            (Tensor(self.declared_input_name("features"), datatype, (-1, n_features)),),
+            (Tensor("predict", datatype, (-1, *probe.shape[1:])),),
+            tuple(classes) if isinstance(classes, list) else None,
+        )
+
     def artifact(self) -> Path:
         """The folder's artifact of this runtime: the first of `artifacts` that exists."""
         for candidate in self.artifacts:

@@ -10,7 +10,7 @@ import lightgbm
 import numpy as np
 
 from hueyserve.artifacts import RUNTIME_ARTIFACTS
-from hueyserve.worker.runtimes.base import ModelLoadError, Runtime, Signature, Tensor
+from hueyserve.worker.runtimes.base import ModelLoadError, Runtime, Signature
 
 
 class LightGBMRuntime(Runtime):
@@ -27,13 +27,7 @@ class LightGBMRuntime(Runtime):
         except lightgbm.basic.LightGBMError as exc:
             raise ModelLoadError(f"lightgbm could not load {path}: {exc}") from exc
         n_features = self.booster.num_feature()
-        probe = self.predict(np.zeros((1, n_features)))["predict"]
-        classes = self.metadata.get("classes")
-        return Signature(
-            (Tensor(self.declared_input_name("features"), "FP64", (-1, n_features)),),
-            (Tensor("predict", "FP64", (-1, *probe.shape[1:])),),
-            tuple(classes) if isinstance(classes, list) else None,
-        )
+        return self.probed_signature(n_features, "FP64")
 
     def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         x = np.asarray(batch, dtype=np.float64)

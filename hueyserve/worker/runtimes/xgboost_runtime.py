@@ -10,7 +10,7 @@ import numpy as np
 import xgboost
 
 from hueyserve.artifacts import RUNTIME_ARTIFACTS
-from hueyserve.worker.runtimes.base import ModelLoadError, Runtime, Signature, Tensor
+from hueyserve.worker.runtimes.base import ModelLoadError, Runtime, Signature
 
 
 class XGBoostRuntime(Runtime):
@@ -27,13 +27,7 @@ class XGBoostRuntime(Runtime):
         except xgboost.core.XGBoostError as exc:
             raise ModelLoadError(f"xgboost could not load {path}: {exc}") from exc
         n_features = self.booster.num_features()
-        probe = self.predict(np.zeros((1, n_features)))["predict"]
-        classes = self.metadata.get("classes")
-        return Signature(
-            (Tensor(self.declared_input_name("features"), "FP32", (-1, n_features)),),
-            (Tensor("predict", "FP32", (-1, *probe.shape[1:])),),
-            tuple(classes) if isinstance(classes, list) else None,
-        )
+        return self.probed_signature(n_features, "FP32")
 
     def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # inplace_predict skips building a DMatrix: the same answers, less per-call work.
