@@ -39,14 +39,16 @@ def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 10.0) -
         time.sleep(0.02)
 
 
-def poll_job(client: TestClient, job_id: str, status: str = "done") -> dict[str, Any]:
-    """The job once it reads `status` (fails the test after 10 s)."""
+def poll_job(
+    client: TestClient, job_id: str, status: str = "done", timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """The job once it reads `status` (fails the test after `timeout_s`)."""
 
     def finished() -> dict[str, Any] | None:
         body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
         return body if body["status"] == status else None
 
-    result: dict[str, Any] = wait_for(finished, f"job {job_id} to be {status}")
+    result: dict[str, Any] = wait_for(finished, f"job {job_id} to be {status}", timeout_s)
     return result
 
 

@@ -26,13 +26,17 @@ from hueyserve.worker.registry import LoadedModel, ModelRegistry
 from hueyserve.worker.store import ModelStore
 from tests.helpers import PREDICT, poll_job, services_of, wait_for
 
+#: A training is a child process, a fit, then the check every new version gets (load, smoke
+#: prediction, upload): seconds alone, more beside another suite on two cores.
+TRAINING_WAIT_S = 60.0
+
 
 def train(client: TestClient, name: str, body: dict[str, Any]) -> dict[str, Any]:
     """Submit a training job and wait until it is done; returns the finished job."""
     accepted = client.post(f"/v1/models/{name}/train", json=body)
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["model_name"] == name
-    return poll_job(client, accepted.json()["job_id"])
+    return poll_job(client, accepted.json()["job_id"], timeout_s=TRAINING_WAIT_S)
 
 
 def active(client: TestClient, name: str) -> str:
@@ -106,7 +110,7 @@ def test_training_that_fails_in_the_worker_says_why(
     accepted = client.post(
         "/v1/models/labels/train", json={"dataset": "labels.csv", "estimator": "Ridge"}
     )
-    job = poll_job(client, accepted.json()["job_id"], status="failed")
+    job = poll_job(client, accepted.json()["job_id"], status="failed", timeout_s=TRAINING_WAIT_S)
     assert "holds labels; use a classifier" in job["error"]
 
 
@@ -232,7 +236,7 @@ def test_one_training_at_a_time(
     accepted = [
         client.post("/v1/models/iris/train", json={"random_state": seed}).json() for seed in (1, 2)
     ]
-    jobs = [poll_job(client, job["job_id"]) for job in accepted]
+    jobs = [poll_job(client, job["job_id"], timeout_s=TRAINING_WAIT_S) for job in accepted]
     assert sorted(job["result"]["model_version"] for job in jobs) == ["2", "3"]
     spans = sorted((job["started_at"], job["finished_at"]) for job in jobs)
     assert spans[0][1] <= spans[1][0]  # the second (last) start came after the first ended
@@ -243,7 +247,7 @@ def test_training_past_its_time_limit_is_stopped(
 ) -> None:
     monkeypatch.setattr(settings, "train_timeout_s", 0.2)
     accepted = client.post("/v1/models/diabetes/train", json={"params": {"n_estimators": 500}})
-    job = poll_job(client, accepted.json()["job_id"], status="failed")
+    job = poll_job(client, accepted.json()["job_id"], status="failed", timeout_s=TRAINING_WAIT_S)
     assert "took longer than 0.2s" in job["error"]
     assert model_store.versions("diabetes") == ["1"]
 
