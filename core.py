@@ -40,6 +40,13 @@ class Huey(PriorityRedisExpireHuey):  # type: ignore[misc]
     def put_result(self, key: str, data: Any) -> Any:
         return self.storage.put_data(key, self.serializer.dump_result(key, data), is_result=True)
 
+    def notify_interrupted_tasks(self) -> None:
+        """The consumer stops: first its threads take no more tasks (with SIGTERM they may
+        still run for a moment, and took back a task just put back), then each task still
+        running goes back to the queue (hueyserve.worker.lifecycle.interrupted)."""
+        self.storage.stopping = True
+        super().notify_interrupted_tasks()
+
     def read_periodic(self, timestamp: Any) -> list[Any]:
         """The periodic tasks due now that this consumer's scheduler claimed: one per minute
         however many consumers run (hueyserve.worker.leases.LeasingStorage.claim_tick)."""

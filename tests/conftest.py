@@ -116,7 +116,14 @@ def consumer_factory(
         )
         consumer.start()
         started.append(consumer)
-        wait_for(lambda: redis_conn.exists(MODELS_KEY), "the worker published its models")
+        # Every model in the store, not just the first: each is checked (loaded, a smoke
+        # prediction) before it is published, so they arrive one after the other.
+        wanted = set(model_store.names())
+        wait_for(
+            lambda: redis_conn.exists(MODELS_KEY)
+            and {k.decode() for k in redis_conn.hkeys(MODELS_KEY)} >= wanted,
+            "the worker published its models",
+        )
         return consumer
 
     yield start

@@ -61,6 +61,8 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
         self.outage = RedisOutage()  #: shared by every thread of this consumer
+        #: The consumer is stopping: its threads take no more tasks (core.Huey sets it).
+        self.stopping = False
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey's enqueue (scheduled tasks, retries, periodic tasks), ringing the doorbell."""
@@ -85,6 +87,11 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
         more. While Redis is unreachable or refuses writes: nothing, after a pause, logged
         once per outage (Huey would log a traceback per thread and attempt)."""
         previous = self._give_back()
+        if self.stopping:  # SIGTERM: the tasks it put back are for the other consumers
+            if previous is not None:
+                self.conn.zrem(self.leases_key, previous)
+            time.sleep(OUTAGE_PAUSE_S)
+            return None
         if self.outage.refusing_writes:  # wait rather than take a task Redis cannot record
             if previous is not None:
                 self._keep(previous)

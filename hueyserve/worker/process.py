@@ -79,6 +79,7 @@ class WorkerProcess:
         configure_worker_logging(self.settings.log_dir, self.settings.task_log_level)
         with self._lock:
             self._running_threads += 1
+            self.huey.storage.stopping = False  # a consumer started again in this process
         self.heartbeat.start()
         self.huey.storage.start_renewing(self.settings.heartbeat_interval_s)
 
