@@ -6,7 +6,10 @@ settings when imported.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import pkgutil
 import shutil
 import signal
 import tempfile
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis.configuration
 import pytest
 import redis
 
@@ -33,6 +37,25 @@ os.environ.update(
         "HUEYSERVE_PREDICT_TIMEOUT_S": "15",
     }
 )
+
+
+def import_plugin_modules(*packages: str) -> None:
+    """Import every module of these pytest plugins now, while no other thread runs. pytest
+    rewrites a plugin's modules with ast.parse as they are first imported, and CPython 3.11's
+    AST builder is not thread safe: a module that anyio or schemathesis imports lazily during a
+    test, while a worker thread parses too (numpy reads each array's header of a skops file
+    with ast.literal_eval), failed runs with "AST constructor recursion depth mismatch"."""
+    for package in packages:
+        for module in pkgutil.walk_packages(
+            importlib.import_module(package).__path__, package + "."
+        ):
+            with contextlib.suppress(Exception):  # an optional dependency that is not there
+                importlib.import_module(module.name)
+
+
+import_plugin_modules("anyio", "schemathesis")
+# Hypothesis (under schemathesis) keeps caches in ./.hypothesis: in the session's folder instead.
+hypothesis.configuration.set_hypothesis_home_dir(SESSION_DIR / "hypothesis")
 
 from fastapi.testclient import TestClient
 
@@ -120,8 +143,10 @@ def consumer_factory(
         # prediction) before it is published, so they arrive one after the other.
         wanted = set(model_store.names())
         wait_for(
-            lambda: redis_conn.exists(MODELS_KEY)
-            and {k.decode() for k in redis_conn.hkeys(MODELS_KEY)} >= wanted,
+            lambda: (
+                redis_conn.exists(MODELS_KEY)
+                and {k.decode() for k in redis_conn.hkeys(MODELS_KEY)} >= wanted
+            ),
             "the worker published its models",
         )
         return consumer

@@ -8,12 +8,6 @@ from typing import Any
 
 import pytest
 import schemathesis
-
-# Imported now, while no other thread runs: schemathesis imports it lazily during a check,
-# pytest rewrites its assertions with ast.parse, and CPython 3.11's AST builder is not thread
-# safe (a worker thread compiling meanwhile failed a run with "AST constructor recursion depth
-# mismatch").
-import schemathesis.specs.openapi.object_authorization  # noqa: F401
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
