@@ -127,7 +127,7 @@ class WorkerProcess:
             self._published.set()
         else:
             try:  # a folder dropped into this host's store is served within a heartbeat
-                if self.repository.sync_local():
+                if self.repository.sync_local(current=published):
                     published = entries(conn)
             except Exception:  # never the heartbeat's end: the periodic refresh tries again
                 logger.exception("importing this host's model folders failed")

@@ -132,8 +132,8 @@ class ModelRegistry:
         self._active: dict[tuple[str, str], LoadedModel] = {}
         self._loaded: LRUCache[tuple[str, str], LoadedModel] = LRUCache(maxsize=max_loaded)
         self._pinned: dict[tuple[str, str], LoadedModel] = {}
-        #: versions that failed to load: when to try again, and why
-        self._failed: dict[tuple[str, str], tuple[float, str]] = {}
+        #: versions that failed to load: when to try again
+        self._failed: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str, version: str) -> LoadedModel:
@@ -156,14 +156,14 @@ class ModelRegistry:
                 if key in self._loaded:
                     self._active[key] = self._loaded.pop(key)
                     continue
-                if time.monotonic() < self._failed.get(key, (0.0, ""))[0]:
+                if time.monotonic() < self._failed.get(key, 0.0):
                     continue  # failed lately: not fetched again every heartbeat
                 try:
                     self._active[key] = self.loader(*key)
                 except Exception as exc:  # its requests fail with the reason; others go on
                     if key not in self._failed:
                         logger.error("%s version %s does not load here: %s", *key, exc)
-                    self._failed[key] = (time.monotonic() + RETRY_LOAD_S, str(exc))
+                    self._failed[key] = time.monotonic() + RETRY_LOAD_S
             for key in set(self._active) - active:
                 self._loaded[key] = self._active.pop(key)
 

@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 MAX_CLAIMED_VERSION = 2**53  #: Redis counts in doubles: higher numbers are not exact
 SETTLE_S = 2.0  #: a dropped folder is imported once its files are this old
 FORGET_AFTER_S = 600.0  #: a deleted version's local copy goes once this old
-_NO_ENTRY = ModelEntry("-", "1", {"1": {}})
 
 
 class CatalogError(ValueError):
@@ -284,22 +283,28 @@ class ModelRepository:
 
     # --- this host's folder -------------------------------------------------------------------
 
-    def sync_local(self, settle_s: float = SETTLE_S, *, wait: bool = False) -> dict[str, str]:
+    def sync_local(
+        self,
+        settle_s: float = SETTLE_S,
+        *,
+        wait: bool = False,
+        current: dict[str, ModelEntry] | None = None,
+    ) -> dict[str, str]:
         """Import versions found in this host's folder that the deployment never allocated
         (dropped there by hand, or left from before a Redis that lost its data); forget local
         copies of versions deleted elsewhere. {name: version} of those imported. One run at
         a time per process (the heartbeat, the refresh and a reload all call it; with `wait`,
         for the run in progress to end, else skipped). A folder whose files changed in the
-        last `settle_s` may still be being copied: it waits for a later run."""
+        last `settle_s` may still be being copied: it waits for a later run. `current`: the
+        catalog as the caller just read it (the heartbeat), so it is not read twice."""
         if not self._syncing.acquire(blocking=wait):
             return {}
         try:
-            return self._sync_local(settle_s)
+            return self._sync_local(settle_s, entries(self.conn) if current is None else current)
         finally:
             self._syncing.release()
 
-    def _sync_local(self, settle_s: float) -> dict[str, str]:
-        current = entries(self.conn)
+    def _sync_local(self, settle_s: float, current: dict[str, ModelEntry]) -> dict[str, str]:
         imported = {}
         for name in self.store.names():
             entry = current.get(name)
@@ -319,7 +324,7 @@ class ModelRepository:
                 try:
                     self.add(name, folder, self.store.metadata(name, version), version=version)
                 except CatalogError:
-                    if version not in (entries(self.conn).get(name) or _NO_ENTRY).versions:
+                    if not self._published(name, version):
                         self._tell(name, version, state, "was claimed by another host first")
                     continue  # else another process of this host imported it meanwhile
                 except (ModelLoadError, ArtifactError, OSError) as exc:
@@ -327,6 +332,10 @@ class ModelRepository:
                     continue
                 imported[name] = version
         return imported
+
+    def _published(self, name: str, version: str) -> bool:
+        entry = entries(self.conn).get(name)
+        return entry is not None and version in entry.versions
 
     def _allocated(self, name: str) -> int:
         return int(self.conn.hget(wire.VERSIONS_KEY, name) or 0)
