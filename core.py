@@ -127,7 +127,7 @@ def train(name: str, plan: TrainPlan, task: Task) -> dict[str, Any]:
             worker.records.retrying(task.id, "waiting for the training that is running to finish")
             raise RetryTask(delay=TRAINING_RETRY_S)
         try:
-            version = worker.trainer.train(name, plan, owner)
+            version = worker.trainer.train(name, plan, owner, job_id=task.id)
         except TrainingLost as lost:  # presumed dead meanwhile: run the job again, not fail it
             worker.records.retrying(task.id, str(lost))
             raise RetryTask(delay=TRAINING_RETRY_S) from lost

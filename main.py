@@ -84,6 +84,20 @@ async def get_services(request: Request) -> Services:  # async: no threadpool ho
 Api = Annotated[Services, Depends(get_services)]
 Prefer = Annotated[str | None, Header()]
 JobId = Annotated[str, Path(max_length=200, description="The id a submission answered.")]
+LastEventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        max_length=64,
+        description="Resume after this event (EventSource sends it when it reconnects).",
+    ),
+]
+#: The event streams' 200 (404/401 come before the stream starts). They return their own
+#: response: FastAPI's `response_class=EventSourceResponse` would stream a generator, and an
+#: error raised in it could only end a stream already answered 200.
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "The events (server-sent)."},
+}
 
 
 # async: a plain `def` dependency would run in a thread pool, a hop per request on the hot path.
@@ -407,6 +421,31 @@ async def submit_job(body: JobSubmit, api: Api, idempotency_key: IdempotencyKey)
 @app.get(paths.JOB, response_model=JobPublic, summary="Status and result of a job")
 async def get_job(job_id: JobId, api: Api) -> JobPublic:
     return await api.jobs.job(job_id)
+
+
+@app.get(
+    paths.JOB_EVENTS,
+    summary="A job's events, server-sent, until it ends",
+    responses={
+        **STREAM_RESPONSES,
+        204: {"description": "The job has ended and the client saw its last event: stop."},
+    },
+)
+async def job_events(job_id: JobId, api: Api, last_event_id: LastEventId = None) -> Response:
+    """Its state first, then each change (`data` is JSON; `id` is the stream id to resume
+    from); the stream ends after the final event, which carries the result."""
+    return await api.streams.job(job_id, last_event_id)
+
+
+@app.get(
+    paths.EVENTS,
+    summary="The whole deployment's events, server-sent",
+    responses=STREAM_RESPONSES,
+)
+async def deployment_events(api: Api, last_event_id: LastEventId = None) -> Response:
+    """Job changes (`event: job`), model promotions (`model`) and workers joining or lost
+    (`worker`); `reset` when the id to resume from was trimmed away."""
+    return await api.streams.everything(last_event_id)
 
 
 @app.delete(

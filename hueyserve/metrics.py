@@ -43,6 +43,18 @@ TASK_SECONDS = Histogram(
     ["task", "outcome"],
     buckets=LATENCY_BUCKETS,
 )
+JOB_QUEUE_SECONDS = Histogram(
+    "hueyserve_job_queue_seconds",
+    "How long jobs waited from their submission to their (latest) start, by kind (workers).",
+    ["kind"],
+    buckets=LATENCY_BUCKETS,
+)
+JOB_RUN_SECONDS = Histogram(
+    "hueyserve_job_run_seconds",
+    "How long jobs ran in a worker, start to end (a group's jobs share their task's), by kind.",
+    ["kind"],
+    buckets=LATENCY_BUCKETS,
+)
 TASKS_RUNNING = Gauge(
     "hueyserve_tasks_running",
     "Tasks running now in the workers.",

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
         "answer already, or reads the job soon after a 504 (at least HUEYSERVE_PREDICT_TIMEOUT_S).",
     )
     predict_timeout_s: float = Field(30.0, gt=0, description="Default and maximum sync wait.")
+    events_max_len: int = Field(
+        100_000,
+        ge=1000,
+        description="The event stream (hueyserve:events) keeps about this many entries, about "
+        "three per job: a client resumes from an id still in it; older ones get a reset.",
+    )
+    events_keepalive_s: float = Field(
+        15.0, gt=0, description="API: a comment line on an idle event stream this often."
+    )
+
     max_queue_depth: int = Field(
         10_000,
         ge=0,

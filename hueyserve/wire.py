@@ -13,6 +13,7 @@ modules (hueyserve.worker) both import it; neither imports the other.
 | `<queue>:tick:<task>:<minute>`       | STRING  | workers (scheduler)   | workers (scheduler)   |
 | Huey's result and revoke keys        | STRING  | workers, API (revoke) | API, workers          |
 | `hueyserve:job:<id>`                 | HASH    | API, workers          | API, workers          |
+| `hueyserve:events`                   | STREAM  | API, workers          | API (one reader each) |
 | `hueyserve:idempotency:<key>`        | STRING  | API                   | API                   |
 | `hueyserve:results:<api process>`    | channel | workers               | that API process      |
 | `hueyserve:models` (+ `:changed`)    | HASH    | workers               | API, workers          |
@@ -36,6 +37,9 @@ from huey.api import Task
 # --- keys and channels ------------------------------------------------------------------------
 
 JOB_KEY_PREFIX = "hueyserve:job:"  #: + job id -> hash (hueyserve.jobs), TTL = result TTL
+#: stream: every job state change (written with the record, in one script), model promotions
+#: and deletions, worker joins and losses; trimmed to about HUEYSERVE_EVENTS_MAX_LEN entries
+EVENTS_KEY = "hueyserve:events"
 IDEMPOTENCY_PREFIX = "hueyserve:idempotency:"  #: + the client's Idempotency-Key -> job id
 RESULT_CHANNEL_PREFIX = "hueyserve:results:"  #: + one id per API process: wake-ups
 MODELS_KEY = "hueyserve:models"  #: hash: name -> ModelEntry JSON (hueyserve.models)
@@ -185,24 +189,52 @@ def parse_result_message(data: bytes) -> tuple[str, bytes]:
 
 # --- Lua scripts ------------------------------------------------------------------------------
 
+#: Lua, prepended to every script that changes a job record: the stream entry of a change,
+#: added in the same script (so atomically) as the change itself. The entry carries the record's
+#: identity and status after the change, `event` (what happened), `at`, the extra pairs given,
+#: and once the job has ended its queue wait and run time in seconds.
+JOB_EVENT_LUA = """
+local function job_event(record, stream, maxlen, event, now, extra)
+    local r = redis.call('HMGET', record, 'id', 'kind', 'model', 'version', 'status',
+                         'created_at', 'started_at', 'finished_at', 'priority')
+    local names = {'job', 'kind', 'model', 'version', 'status'}
+    local fields = {'type', 'job', 'event', event, 'at', now}
+    for i, name in ipairs(names) do
+        if r[i] then fields[#fields + 1] = name; fields[#fields + 1] = r[i] end
+    end
+    if r[9] then fields[#fields + 1] = 'priority'; fields[#fields + 1] = r[9] end
+    local created, started, finished = tonumber(r[6]), tonumber(r[7]), tonumber(r[8])
+    if finished and started and created and event ~= 'progress' then
+        fields[#fields + 1] = 'queued_s'; fields[#fields + 1] = tostring(started - created)
+        fields[#fields + 1] = 'run_s'; fields[#fields + 1] = tostring(finished - started)
+    end
+    for i = 1, #extra do fields[#fields + 1] = extra[i] end
+    return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+end
+"""
+
 #: API. KEYS: the queue, the submission's idempotency key ('' for none), the workers' doorbell,
-#: then each job record. ARGV: the depth limit (0: none), the task's score, the entry, the
-#: records' TTL, the task's id, the doorbell's length, then per record its number of fields
-#: followed by fields and values. Answers the id of the job that holds: an earlier one with
-#: the same idempotency key, else this one once queued; or 0 (refused) when as many tasks as
-#: the limit would run before or with this one (same or higher priority).
-ENQUEUE_SCRIPT = """
+#: the event stream, then each job record. ARGV: the depth limit (0: none), the task's score,
+#: the entry, the records' TTL, the task's id, the doorbell's length, now, the stream's
+#: length, then per record its number of fields followed by fields and values. Answers the id
+#: of the job that holds: an earlier one with the same idempotency key, else this one once
+#: queued; or 0 (refused) when as many tasks as the limit would run before or with this one
+#: (same or higher priority).
+ENQUEUE_SCRIPT = (
+    JOB_EVENT_LUA
+    + """
 if KEYS[2] ~= '' then
     local earlier = redis.call('GET', KEYS[2])
     if earlier then return earlier end
 end
 local limit = tonumber(ARGV[1])
 if limit > 0 and redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[2]) >= limit then return 0 end
-local arg = 7
-for i = 4, #KEYS do
+local arg = 9
+for i = 5, #KEYS do
     local n = tonumber(ARGV[arg])
     redis.call('HSET', KEYS[i], unpack(ARGV, arg + 1, arg + 2 * n))
     redis.call('EXPIRE', KEYS[i], ARGV[4])
+    job_event(KEYS[i], KEYS[4], ARGV[8], 'queued', ARGV[7], {})
     arg = arg + 1 + 2 * n
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
@@ -211,6 +243,22 @@ redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
 return ARGV[5]
 """
+)
+
+#: Workers. KEYS: a job record, the event stream. ARGV: the record's TTL, the stream's length,
+#: the event, now, the number of fields, the fields and values, then the event's own extra
+#: field and value pairs. Changes the record and adds its event; answers the event's id.
+RECORD_SCRIPT = (
+    JOB_EVENT_LUA
+    + """
+local n = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + 2 * n))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+local extra = {}
+for i = 6 + 2 * n, #ARGV do extra[#extra + 1] = ARGV[i] end
+return job_event(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], extra)
+"""
+)
 
 #: Workers. KEYS: the versions hash. ARGV: the model's name, a version number or '' for the
 #: next. Allocates the next version of the model, or claims the one given if it is above every
@@ -239,32 +287,44 @@ redis.call('DEL', KEYS[1])
 return 0
 """
 
-#: API. KEYS: the job record, Huey's revoke key for the task. ARGV: now, revoke value, ttl.
-#: Cancels a queued job; answers the status it found (nil: no such job).
-CANCEL_SCRIPT = """
+#: API. KEYS: the job record, Huey's revoke key for the task, the event stream. ARGV: now,
+#: revoke value, ttl, the stream's length. Cancels a queued job; answers the status it found
+#: (nil: no such job).
+CANCEL_SCRIPT = (
+    JOB_EVENT_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
     redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
     redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+    job_event(KEYS[1], KEYS[3], ARGV[4], 'cancelled', ARGV[1], {})
 end
 return status
 """
+)
 
-#: Workers. KEYS: job records; ARGV: now, ttl, the worker (host:pid). Running, unless one of
-#: them was cancelled or has ended already (then 0: a task queued again after its worker died
-#: may have finished meanwhile). Atomic against CANCEL_SCRIPT.
-START_SCRIPT = """
+#: Workers. KEYS: the event stream, then job records; ARGV: now, ttl, the worker (host:pid),
+#: the stream's length. Running, unless one of them was cancelled or has ended already (then
+#: 0: a task queued again after its worker died may have finished meanwhile); answers each
+#: record's creation time (for the queue wait). Atomic against CANCEL_SCRIPT.
+START_SCRIPT = (
+    JOB_EVENT_LUA
+    + """
 local ended = {cancelled = true, done = true, failed = true, expired = true}
-for _, key in ipairs(KEYS) do
-    if ended[redis.call('HGET', key, 'status')] then return 0 end
+for i = 2, #KEYS do
+    if ended[redis.call('HGET', KEYS[i], 'status')] then return 0 end
 end
-for _, key in ipairs(KEYS) do
-    redis.call('HSET', key, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
-    redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('EXPIRE', key, ARGV[2])
+local created = {}
+for i = 2, #KEYS do
+    redis.call('HSET', KEYS[i], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
+    redis.call('HINCRBY', KEYS[i], 'attempts', 1)
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+    created[#created + 1] = redis.call('HGET', KEYS[i], 'created_at') or ''
+    job_event(KEYS[i], KEYS[1], ARGV[4], 'running', ARGV[1], {'worker', ARGV[3]})
 end
-return 1
+return created
 """
+)
 
 #: Workers. KEYS: the queue, the leases. ARGV: the lease's expiry, the entry whose lease this
 #: worker gives back ('' for none). The most urgent entry, now leased, or nil.
@@ -283,5 +343,35 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('LPUSH', KEYS[3], 1)
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+return 1
+"""
+
+#: Workers. KEYS: the heartbeats, the event stream. ARGV: this worker's member, now, the time
+#: before which a worker is gone, the stream's length. Beats; a worker new to the set and each
+#: silent one dropped become `worker` events (joined, lost); one script: one reaper wins each.
+BEAT_SCRIPT = """
+local function worker_event(event, member, now)
+    local worker = string.match(member, '^(.*)|') or member
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+               'type', 'worker', 'event', event, 'worker', worker, 'at', now)
+end
+if redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) == 1 then
+    worker_event('joined', ARGV[1], ARGV[2])
+end
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])) do
+    redis.call('ZREM', KEYS[1], member)
+    worker_event('lost', member, ARGV[2])
+end
+return 1
+"""
+
+#: Workers. KEYS: the heartbeats, the event stream. ARGV: this worker's member, now, the
+#: stream's length. A worker stopping on purpose leaves the set, as a `left` event.
+LEAVE_SCRIPT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+    local worker = string.match(ARGV[1], '^(.*)|') or ARGV[1]
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+               'type', 'worker', 'event', 'left', 'worker', worker, 'at', ARGV[2])
+end
 return 1
 """

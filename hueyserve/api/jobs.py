@@ -197,6 +197,8 @@ def job_public(job_id: str, record: dict[str, str], value: Any, catalog: ModelCa
         created_at=_time(record.get("created_at")),
         started_at=_time(record.get("started_at")),
         finished_at=_time(record.get("finished_at")) if status in ENDED else None,
+        stage=record.get("stage"),
+        progress=_fraction(record.get("progress")),
         result=result,
         error=error if status in (JobStatus.FAILED, JobStatus.EXPIRED) else None,
     )
@@ -230,6 +232,10 @@ def accepted(job_id: str, model: str, version: str | None) -> JobAccepted:
 
 def _int(raw: str | None) -> int | None:
     return None if raw is None else int(raw)
+
+
+def _fraction(raw: str | None) -> float | None:
+    return None if raw is None else min(max(float(raw), 0.0), 1.0)
 
 
 def _time(raw: str | None) -> dt.datetime | None:

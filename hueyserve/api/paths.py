@@ -49,6 +49,8 @@ V1_VERSIONS = "/v1/models/{name:model}/versions"  #: POST: import a version (adm
 V1_VERSION = "/v1/models/{name:model}/versions/{version:version}"  #: DELETE: a version (admin)
 JOBS = "/v1/jobs"
 JOB = "/v1/jobs/{job_id}"
+JOB_EVENTS = "/v1/jobs/{job_id}/events"  #: server-sent events; a WebSocket on the same path
+EVENTS = "/v1/events"  #: the whole deployment's events (server-sent)
 PURGE = "/v1/queue/purge"
 # Open Inference Protocol v2
 V2_SERVER = "/v2"

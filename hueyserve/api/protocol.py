@@ -9,6 +9,7 @@ hundred of them starve the server. Run uvicorn with this protocol (`make run` do
 A request's headers must be complete within HUEYSERVE_HEADER_TIMEOUT_S of its first byte (or
 of the connection, for the first request); otherwise it gets a 408 and the connection closes.
 The body has its own bound, HUEYSERVE_BODY_TIMEOUT_S, kept by the guard (hueyserve.api.guard).
+When the server stops, it ends the event streams (hueyserve.api.events), which would hold it.
 On the internet, put a proxy in front anyway (the README says how).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from hueyserve.api.events import server_stopping
 from hueyserve.settings import settings
 
 _BODY = b'{"error": "the request headers took too long: send them all at once"}'
@@ -48,6 +50,12 @@ class TimedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+
+    def shutdown(self) -> None:
+        """The server stops: event streams end now (their clients resume elsewhere), so that
+        uvicorn, which waits for every response to finish, does not wait for them."""
+        server_stopping()
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

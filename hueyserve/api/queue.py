@@ -38,6 +38,7 @@ from hueyserve.wire import (
     CANCEL_SCRIPT,
     DOORBELL_TOKENS,
     ENQUEUE_SCRIPT,
+    EVENTS_KEY,
     doorbell_key,
     idempotency_key,
     job_key,
@@ -100,8 +101,10 @@ class TaskQueue:
         max_connections: int,
         pool_timeout_s: float,
         max_depth: int = 0,
+        events_max_len: int = 100_000,
     ) -> None:
         self.huey = huey
+        self.events_max_len = events_max_len
         self.storage = huey.storage
         self.enqueued = 0  #: tasks this process put on the queue (cache hits put none)
         self.record_ttl_s = record_ttl_s
@@ -166,14 +169,15 @@ class TaskQueue:
         entry = queue_entry(self.huey.serialize_task(task))
         ttl = ttl_s or self.record_ttl_s  # of the records (and of the idempotency key)
         args: list[Any] = [self.max_depth, queue_score(task.priority), entry, ttl]
-        args += [task.id, DOORBELL_TOKENS]
+        args += [task.id, DOORBELL_TOKENS, time.time(), self.events_max_len]
         for record in records.values():
             args.append(len(record))
             for field, value in record.items():
                 args += [field, value]
         idempotency = idempotency_key(client_key) if client_key else ""
         doorbell = doorbell_key(self.storage.queue_key)
-        keys = [self.storage.queue_key, idempotency, doorbell, *map(job_key, records)]
+        keys = [self.storage.queue_key, idempotency, doorbell, EVENTS_KEY]
+        keys += map(job_key, records)
         async with redis_errors():
             job_id = await self._enqueue(keys=keys, args=args)
         if not job_id:
@@ -187,11 +191,10 @@ class TaskQueue:
         """Revoke a queued task (Huey skips it when a worker takes it); the status the job
         had (None: no such job). Only a `queued` job is cancelled."""
         revoke_once = self.huey.serializer.serialize((None, True))
-        keys = [job_key(task_id), self.storage.result_key(revoke_id(task_id))]
+        keys = [job_key(task_id), self.storage.result_key(revoke_id(task_id)), EVENTS_KEY]
+        args = [time.time(), revoke_once, self.record_ttl_s, self.events_max_len]
         async with redis_errors():
-            status = await self._cancel(
-                keys=keys, args=[time.time(), revoke_once, self.record_ttl_s]
-            )
+            status = await self._cancel(keys=keys, args=args)
         return None if status is None else bytes(status).decode()
 
     async def wait(self, job_id: str, timeout_s: float) -> Any:

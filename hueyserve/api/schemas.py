@@ -128,6 +128,12 @@ class JobPublic(BaseModel):
     created_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    stage: str | None = Field(
+        default=None, description="A long job's last stage (a training's: data loaded, ...)."
+    )
+    progress: float | None = Field(
+        default=None, ge=0, le=1, description="How far its stage has come, where known."
+    )
     result: dict[str, Any] | None = None
     error: str | None = None
 

@@ -2,8 +2,8 @@
 
 Routes (main.py) reach them through `Services`; the answer cache's middleware finds them on
 `app.state.services`. Building them connects to nothing; `running` opens the Redis
-connections and starts the two background tasks (the model catalog's follower and the result
-listener).
+connections and starts the three background tasks (the model catalog's follower, the result
+listener and the event feed).
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from huey import Huey
 from huey.api import TaskWrapper
 from redis import RedisError
 
 from hueyserve.api.answers import AnswerCache
 from hueyserve.api.catalog import ModelCatalog
+from hueyserve.api.events import READ_BLOCK_MS, EventFeed
 from hueyserve.api.health import HealthService
 from hueyserve.api.imports import ModelAdmin
 from hueyserve.api.inference import InferenceService
 from hueyserve.api.jobs import JobService
 from hueyserve.api.queue import TaskQueue
+from hueyserve.api.streams import Streams
 from hueyserve.cache import PredictionCache
 from hueyserve.errors import ServiceError
 from hueyserve.settings import Settings
@@ -50,6 +53,8 @@ class Services:
     admin: ModelAdmin
     health: HealthService
     answers: AnswerCache
+    feed: EventFeed
+    streams: Streams
 
     @classmethod
     def build(cls, settings: Settings, huey: Huey, tasks: Tasks) -> Services:
@@ -63,6 +68,7 @@ class Services:
             max_connections=settings.redis_max_connections,
             pool_timeout_s=settings.redis_pool_timeout_s,
             max_depth=settings.max_queue_depth,
+            events_max_len=settings.events_max_len,
         )
         catalog = ModelCatalog(queue.client, resync_s=settings.catalog_resync_s)
         cache = PredictionCache(settings.cache_size, where="api")
@@ -74,6 +80,14 @@ class Services:
             train_task=tasks.train,
             reload_task=tasks.reload,
         )
+        # The feed's reader blocks in XREAD for READ_BLOCK_MS: its read timeout is longer.
+        reader = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.redis_connect_timeout_s,
+            socket_timeout=READ_BLOCK_MS / 1000 + 5,
+            socket_keepalive=True,
+        )
+        feed = EventFeed(queue.client, reader)
         return cls(
             settings=settings,
             queue=queue,
@@ -92,6 +106,8 @@ class Services:
             ),  # fmt: skip
             health=HealthService(settings=settings, queue=queue, catalog=catalog, cache=cache),
             answers=AnswerCache(cache, catalog),
+            feed=feed,
+            streams=Streams(feed, jobs, settings.events_keepalive_s),
         )
 
 
@@ -106,9 +122,13 @@ async def running(settings: Settings, huey: Huey, tasks: Tasks) -> AsyncIterator
     background = {
         asyncio.create_task(catalog.follow(), name="model-catalog"),
         asyncio.create_task(queue.results.run(), name="result-listener"),
+        asyncio.create_task(services.feed.run(), name="event-feed"),
     }
     with contextlib.suppress(TimeoutError):  # Redis down: requests get 503s until it is back
-        await asyncio.wait_for(queue.results.connected.wait(), timeout=2.0)
+        await asyncio.wait_for(
+            asyncio.gather(queue.results.connected.wait(), services.feed.connected.wait()),
+            timeout=2.0,
+        )
     try:
         yield services
     finally:
@@ -118,3 +138,5 @@ async def running(settings: Settings, huey: Huey, tasks: Tasks) -> AsyncIterator
         await asyncio.wait(background, timeout=2.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(queue.aclose(), timeout=2.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(services.feed.reader.aclose(), timeout=2.0)

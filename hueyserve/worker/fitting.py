@@ -36,6 +36,8 @@ from hueyserve.artifacts import METADATA_FILE
 from hueyserve.models import label_datatype
 from hueyserve.training import DEMOS, TrainingError, TrainPlan, build_estimator
 from hueyserve.wire import TRAINING_LOCK_KEY
+from hueyserve.worker import progress
+from hueyserve.worker.progress import Progress
 from hueyserve.worker.publishing import entries
 from hueyserve.worker.store import STAGING_DIR, ModelStore, write_estimator
 
@@ -46,12 +48,16 @@ if TYPE_CHECKING:  # the training child imports this module and needs no setting
 logger = logging.getLogger(__name__)
 
 
-def train(plan: TrainPlan, data_dir: Path) -> tuple[Any, dict[str, Any]]:
+def train(
+    plan: TrainPlan, data_dir: Path, report: Progress | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Fit the plan's estimator on its data set; returns it with the metadata to save."""
     try:
         data = datasets.load(plan.dataset, data_dir, plan.target)
     except datasets.DatasetError as exc:
         raise TrainingError(str(exc)) from exc
+    if report is not None:
+        report("data loaded")
     estimator = build_estimator(plan)
     classifier = is_classifier(estimator)
     if not classifier and data.target.dtype.kind not in "fiu":
@@ -63,7 +69,7 @@ def train(plan: TrainPlan, data_dir: Path) -> tuple[Any, dict[str, Any]]:
         data.features, data.target, test_size=plan.test_size, random_state=plan.random_state
     )
     started = time.perf_counter()
-    estimator.fit(x_train, y_train)
+    progress.fit(estimator, x_train, y_train, report)
     seconds = time.perf_counter() - started
     metadata = {
         "task": "classification" if classifier else "regression",
@@ -80,6 +86,8 @@ def train(plan: TrainPlan, data_dir: Path) -> tuple[Any, dict[str, Any]]:
         },
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if report is not None:
+        report("scored")
     return estimator, metadata
 
 
@@ -138,16 +146,22 @@ class Owner:
 
 
 def train_to_folder(
-    store: ModelStore, plan: TrainPlan, data_dir: Path, owner: Owner | None = None
+    store: ModelStore,
+    plan: TrainPlan,
+    data_dir: Path,
+    owner: Owner | None = None,
+    report: Progress | None = None,
 ) -> str:
     """Train a version as planned and write it to a staging folder of the store, if it is
     still `owner`'s training; the folder's path (the caller adds it to the catalog)."""
-    estimator, metadata = train(plan, data_dir)
+    estimator, metadata = train(plan, data_dir, report)
     if owner is not None:
         owner.check()
     folder = store.root / STAGING_DIR / f"trained-{os.getpid()}-{time.time_ns()}"
     folder.mkdir(parents=True)
     write_estimator(folder, estimator, metadata)
+    if report is not None:
+        report("saved")
     logger.info("trained %s on %s: %s", plan.estimator, plan.dataset, metadata["metrics"])
     return str(folder)
 
@@ -160,6 +174,7 @@ def train_in_child(
     niceness: int,
     timeout_s: float,
     owner: Owner | None = None,
+    report: Progress | None = None,
 ) -> str:
     """`train_to_folder` in a fresh process at a lower CPU priority, stopped after `timeout_s`.
     Fitting and saving hold the GIL for long stretches; in a child they cannot slow the
@@ -168,10 +183,10 @@ def train_in_child(
     if multiprocessing.current_process().daemon:
         # `huey_consumer -k process`: a daemon may not start children, and this worker is a
         # process of its own anyway, so no other worker shares its GIL.
-        return train_to_folder(store, plan, data_dir, owner)
+        return train_to_folder(store, plan, data_dir, owner, report)
     context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded process
     with context.Pool(1, initializer=_start_child, initargs=(niceness, os.getpid())) as child:
-        pending = child.apply_async(train_to_folder, (store, plan, data_dir, owner))
+        pending = child.apply_async(train_to_folder, (store, plan, data_dir, owner, report))
         try:
             return str(pending.get(timeout_s))
         except multiprocessing.TimeoutError:
@@ -218,10 +233,19 @@ class Trainer:
         self.repository = repository
         self.settings = settings
 
-    def train(self, name: str, plan: TrainPlan, owner: Owner) -> str:
+    def train(self, name: str, plan: TrainPlan, owner: Owner, job_id: str | None = None) -> str:
         """Fit a new version of `name` in a child process, while `owner` (what `slot` yielded)
         still holds the training lock, and add it to the catalog (checked like an import;
-        active unless an operator pinned another); its number."""
+        active unless an operator pinned another); its number. A job's training reports
+        its progress (hueyserve.worker.progress)."""
+        report = None
+        if job_id is not None:
+            report = Progress(
+                self.settings.redis_url,
+                job_id,
+                ttl_s=self.settings.result_ttl_s,
+                events_max_len=self.settings.events_max_len,
+            )
         folder = Path(
             train_in_child(
                 self.repository.store,
@@ -230,11 +254,12 @@ class Trainer:
                 niceness=self.settings.train_niceness,
                 timeout_s=self.settings.train_timeout_s,
                 owner=owner,
+                report=report,
             )
         )
         try:
             metadata = json.loads((folder / METADATA_FILE).read_text())
-            entry, _ = self.repository.add(name, folder, metadata)
+            entry, _ = self.repository.add(name, folder, metadata, report=report)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return max(entry.versions, key=int)

@@ -11,7 +11,13 @@ from collections.abc import Callable
 
 import redis
 
-from hueyserve.wire import HEARTBEATS_KEY, heartbeat_member
+from hueyserve.wire import (
+    BEAT_SCRIPT,
+    EVENTS_KEY,
+    HEARTBEATS_KEY,
+    LEAVE_SCRIPT,
+    heartbeat_member,
+)
 from hueyserve.worker.outage import RedisOutage, unavailable
 
 logger = logging.getLogger(__name__)
@@ -22,14 +28,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def beat(conn: redis.Redis, *, ttl_s: float, proof: str) -> None:
+def beat(conn: redis.Redis, *, ttl_s: float, proof: str, events_max_len: int) -> None:
     """Record this process as alive, with the proof of its secret (so the API can tell that
-    it shares it), and drop workers silent for longer than `ttl_s`."""
+    it shares it), and drop workers silent for longer than `ttl_s` (as `lost` events)."""
     now = time.time()
-    with conn.pipeline() as pipe:
-        pipe.zadd(HEARTBEATS_KEY, {heartbeat_member(worker_id(), proof): now})
-        pipe.zremrangebyscore(HEARTBEATS_KEY, "-inf", now - ttl_s)
-        pipe.execute()
+    member = heartbeat_member(worker_id(), proof)
+    args: list[str | float] = [member, now, now - ttl_s, events_max_len]
+    conn.register_script(BEAT_SCRIPT)(keys=[HEARTBEATS_KEY, EVENTS_KEY], args=args)
 
 
 class Heartbeat:
@@ -46,6 +51,7 @@ class Heartbeat:
         interval_s: float,
         ttl_s: float,
         proof: str,
+        events_max_len: int = 100_000,
         on_beat: Callable[[], object] | None = None,
         outage: RedisOutage | None = None,
     ) -> None:
@@ -55,6 +61,7 @@ class Heartbeat:
         self.on_beat = on_beat
         self.interval_s = interval_s
         self.ttl_s = ttl_s
+        self.events_max_len = events_max_len
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -73,15 +80,24 @@ class Heartbeat:
             if self._thread is not None:
                 self._thread.join(timeout=self.interval_s + 1)
             self._thread = None
+        member = heartbeat_member(worker_id(), self.proof)
         try:
-            self.conn.zrem(HEARTBEATS_KEY, heartbeat_member(worker_id(), self.proof))
+            leave = self.conn.register_script(LEAVE_SCRIPT)
+            leave(
+                keys=[HEARTBEATS_KEY, EVENTS_KEY], args=[member, time.time(), self.events_max_len]
+            )
         except redis.RedisError:
             pass
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                beat(self.conn, ttl_s=self.ttl_s, proof=self.proof)
+                beat(
+                    self.conn,
+                    ttl_s=self.ttl_s,
+                    proof=self.proof,
+                    events_max_len=self.events_max_len,
+                )
                 self.outage.reached()
                 if self.on_beat is not None:
                     self.on_beat()

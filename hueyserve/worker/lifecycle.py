@@ -112,7 +112,7 @@ class JobLifecycle:
         if not tracked(task):
             return
         try:
-            started = self.records.start(*job_ids(task), ttl_s=self._ttl(task))
+            waited = self.records.start(*job_ids(task), ttl_s=self._ttl(task))
         except Exception as exc:  # Huey would log it and run the task anyway: stop it instead
             if unavailable(exc):  # said once per outage; the other threads wait meanwhile
                 self.storage.outage.failed(exc, "marking jobs running")
@@ -121,9 +121,11 @@ class JobLifecycle:
                 logger.exception("task %s not started: its jobs cannot be marked running", task.id)
             self._abandoned.add(task.id)  # its lease lapses and a reaper queues it again
             raise CancelExecution(retry=False) from None
-        if not started:
+        if waited is None:
             logger.info("job %s was cancelled or has ended; not running it", task.id)
             raise CancelExecution()
+        for seconds in waited:
+            metrics.JOB_QUEUE_SECONDS.labels(task.name).observe(seconds)
 
     def task_started(self, task: Task) -> None:
         self._started[task.id] = time.perf_counter()
@@ -183,8 +185,10 @@ class JobLifecycle:
         metrics.TASKS_RUNNING.labels(task.name).dec()
         started = self._started.pop(task.id, None)
         if started is not None:
-            outcome = "ok" if exc is None else "error"
-            metrics.TASK_SECONDS.labels(task.name, outcome).observe(time.perf_counter() - started)
+            ran = time.perf_counter() - started
+            metrics.TASK_SECONDS.labels(task.name, "ok" if exc is None else "error").observe(ran)
+            for _ in job_ids(task) if tracked(task) else ():
+                metrics.JOB_RUN_SECONDS.labels(task.name).observe(ran)
         if not tracked(task) or (exc is None and task.name == JobKind.PREDICT.value):
             return  # predict counts its jobs itself (a group's may end differently)
         if exc is None or not task.retries:
@@ -257,7 +261,8 @@ class JobLifecycle:
         """Say why the task runs again (before: a worker may take it at once), then queue it."""
         with self.conn.pipeline(transaction=True) as pipe:
             for job_id in job_ids(task):
-                self.records.retrying(job_id, why, pipe=pipe, ttl_s=self._ttl(task))
+                ttl = self._ttl(task)
+                self.records.retrying(job_id, why, requeued=True, pipe=pipe, ttl_s=ttl)
             if deaths is not None:
                 self.records.lost(task.id, deaths, pipe=pipe)
             pipe.execute()

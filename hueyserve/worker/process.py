@@ -60,13 +60,16 @@ class WorkerProcess:
             self.cache, Batchers(self.registry.get, policy, observe=metrics.observe_batch)
         )
         self.trainer = Trainer(conn, self.repository, settings)
-        self.records = JobRecorder(conn, ttl_s=settings.result_ttl_s)
+        self.records = JobRecorder(
+            conn, ttl_s=settings.result_ttl_s, events_max_len=settings.events_max_len
+        )
         self.lifecycle = JobLifecycle(huey, self.records, settings)
         self.heartbeat = Heartbeat(
             conn,
             interval_s=settings.heartbeat_interval_s,
             ttl_s=settings.heartbeat_ttl_s,
             proof=secret_proof(settings.secret_value()),
+            events_max_len=settings.events_max_len,
             on_beat=self.after_heartbeat,
             outage=huey.storage.outage,
         )

@@ -8,6 +8,7 @@ version that does not load here is never made active: the old one keeps serving.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -15,18 +16,19 @@ import orjson
 import redis
 
 from hueyserve.models import ModelEntry, parse_entries
-from hueyserve.wire import MODELS_CHANNEL, MODELS_KEY
+from hueyserve.wire import EVENTS_KEY, MODELS_CHANNEL, MODELS_KEY
 from hueyserve.worker.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
 
 def publish(conn: redis.Redis, entry: ModelEntry) -> None:
-    """Make `entry` what every API process sees."""
+    """Make `entry` what every API process sees (and a `model` event for dashboards)."""
     payload = entry.to_json()
     with conn.pipeline() as pipe:
         pipe.hset(MODELS_KEY, entry.name, payload)
         pipe.publish(MODELS_CHANNEL, payload)
+        _model_event(pipe, "published", entry.name, active=entry.active)
         pipe.execute()
 
 
@@ -35,7 +37,14 @@ def withdraw(conn: redis.Redis, name: str) -> None:
     with conn.pipeline() as pipe:
         pipe.hdel(MODELS_KEY, name)
         pipe.publish(MODELS_CHANNEL, orjson.dumps({"deleted": name}))
+        _model_event(pipe, "deleted", name)
         pipe.execute()
+
+
+def _model_event(pipe: redis.client.Pipeline, event: str, name: str, **extra: str) -> None:
+    """Rare: the stream is trimmed by the job events that follow (they know its length)."""
+    fields = {"type": "model", "event": event, "model": name, "at": time.time(), **extra}
+    pipe.xadd(EVENTS_KEY, fields)  # type: ignore[arg-type]
 
 
 def entries(conn: redis.Redis) -> dict[str, ModelEntry]:

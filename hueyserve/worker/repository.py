@@ -21,7 +21,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,11 +189,15 @@ class ModelRepository:
         *,
         activate: bool = True,
         version: str | None = None,
+        report: Callable[[str], object] | None = None,
     ) -> tuple[ModelEntry, LoadedModel]:
         """Check a version in `folder`, then give it the next number (or claim `version`, for
         a folder dropped into this host's store), publish its artifacts and add it to the
-        catalog; active when `activate`, unless an operator pinned another."""
+        catalog; active when `activate`, unless an operator pinned another. `report` hears
+        of the stages `loaded` (and checked) and `published`."""
         model, full = self.check(name, folder, metadata)
+        if report is not None:
+            report("loaded")
         through_redis = not full.get("uri")
         if through_redis:
             for file_name in full["files"]:
@@ -222,6 +226,8 @@ class ModelRepository:
             active = number if old is None or (activate and not pinned) else old.active
             entry = ModelEntry(name, active, versions, pinned=pinned)
             publish(self.conn, entry)
+        if report is not None:
+            report("published")
         logger.info("model %s: version %s added%s", name, number,
                     " and active" if active == number else "")  # fmt: skip
         loaded = LoadedModel(name, number, model.runtime, model.signature, full)

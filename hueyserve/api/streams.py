@@ -1,0 +1,287 @@
+"""Server-sent events and their WebSocket twin: a job's events until it ends, and the whole
+deployment's, resumable by the stream ids (`Last-Event-ID`).
+
+Everything that can refuse a stream (unknown job: 404; a job whose end the client has seen:
+204) is decided before the response starts, so the status is real. Past that point the answer
+is always 200: a failure (Redis down, a client too slow to keep up, the server stopping) ends
+the stream with a `retry:` hint, and the client resumes from its last id without a gap or a
+duplicate. The order of a stream's start (subscribe, note the feed's position, then read
+Redis) is what makes that true: see `Opening`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.responses import Response
+
+from hueyserve.api.events import Event, EventFeed, Subscription, id_key, valid_id
+from hueyserve.api.jobs import JobService
+from hueyserve.api.queue import redis_errors
+from hueyserve.errors import JobNotFound, RedisUnavailable
+from hueyserve.jobs import ENDED, JobStatus
+from hueyserve.wire import EVENTS_KEY, job_key
+
+RETRY_MS = 2000  #: how soon a client should come back after a stream ended on a failure
+MAX_STREAM_S = 600.0  #: a stream ends (its client resumes) after this long: none is held forever
+RESULT_WAIT_S = 2.0  #: a `done` event may beat its stored result by a moment: wait this long
+_ENDED = {status.value for status in ENDED}
+#: Stream field -> the name a client sees (as GET /v1/jobs/{id} names it) and its type.
+_PUBLIC: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "job": ("job_id", str),
+    "id": ("job_id", str),
+    "event": ("event", str),
+    "status": ("status", str),
+    "kind": ("kind", str),
+    "model": ("model_name", str),
+    "version": ("model_version", str),
+    "priority": ("priority", int),
+    "worker": ("worker", str),
+    "error": ("error", str),
+    "stage": ("stage", str),
+    "progress": ("progress", float),
+    "at": ("at", float),
+    "queued_s": ("queued_s", float),
+    "run_s": ("run_s", float),
+    "attempts": ("attempts", int),
+    "instances": ("instances", int),
+    "created_at": ("created_at", float),
+    "started_at": ("started_at", float),
+    "finished_at": ("finished_at", float),
+    "active": ("active", str),
+}
+
+
+def public(fields: dict[str, str]) -> dict[str, Any]:
+    """A stream entry or a job record as the JSON clients get (unknown fields left out)."""
+    out: dict[str, Any] = {"type": fields.get("type", "job")}
+    for name, raw in fields.items():
+        known = _PUBLIC.get(name)
+        if known is None:
+            continue
+        try:
+            out[known[0]] = known[1](raw)
+        except ValueError:  # altered in Redis: leave it out rather than fail the stream
+            continue
+    return out
+
+
+def sse(data: dict[str, Any] | None, *, event: str | None = None, id: str | None = None) -> bytes:
+    text = None if data is None else orjson.dumps(data).decode()
+    return format_sse_event(data_str=text, event=event, id=id)
+
+
+def retry_later() -> bytes:
+    why = "the stream ends here; come back with Last-Event-ID"
+    return format_sse_event(retry=RETRY_MS, comment=why)
+
+
+def keepalive() -> bytes:
+    return b": keep-alive\n\n"
+
+
+@dataclass
+class Opening:
+    """A stream's start, read in this order: subscribe (every later event is queued), note
+    the feed's position (every event up to it was handed out before), then read Redis (a
+    snapshot, or a replay up to that position). Queued events up to `skip` are duplicates."""
+
+    sub: Subscription
+    skip: str
+
+
+def final(fields: dict[str, str]) -> bool:
+    """Whether a job event is its last: the job has ended (progress events never end one)."""
+    return fields.get("status") in _ENDED and fields.get("event") != "progress"
+
+
+class Streams:
+    """One per API process: opens and runs job and deployment streams on the feed."""
+
+    def __init__(self, feed: EventFeed, jobs: JobService, keepalive_s: float) -> None:
+        self.feed = feed
+        self.jobs = jobs
+        self.keepalive_s = keepalive_s
+        self.open_streams = 0
+
+    # --- one job --------------------------------------------------------------------------
+
+    async def job(self, job_id: str, last_event_id: str | None) -> Response:
+        """GET /v1/jobs/{id}/events: 404, 204 or a stream (see the module's docstring)."""
+        sub = self.feed.subscribe(job_id)
+        try:
+            opening = await self._open_job(sub, job_id, last_event_id)
+        except RedisUnavailable:
+            self.feed.unsubscribe(sub)
+            return self._retry_response()
+        except BaseException:
+            self.feed.unsubscribe(sub)
+            raise
+        if opening is None:
+            self.feed.unsubscribe(sub)
+            return Response(status_code=204)
+        return self._response(self._run_job(job_id, *opening))
+
+    async def _open_job(
+        self, sub: Subscription, job_id: str, last_event_id: str | None
+    ) -> tuple[Opening, list[bytes], bool] | None:
+        """The job's opening, what it sends first and whether that includes the end; None
+        for a 204 (the client has seen the end). JobNotFound for an unknown job."""
+        seen = await self._position()
+        async with redis_errors(), self.feed.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(job_key(job_id))
+            pipe.xrevrange(EVENTS_KEY, count=1)
+            pipe.xrange(EVENTS_KEY, count=1)
+            raw, newest, oldest = await pipe.execute()
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        if not record:
+            raise JobNotFound(job_id)
+        top = newest[0][0].decode() if newest else seen
+        ended = record.get("status") in _ENDED
+        after = last_event_id if last_event_id is not None and valid_id(last_event_id) else None
+        if after is not None and oldest and id_key(after) >= id_key(oldest[0][0].decode()):
+            # Everything after the client's id is still in the stream: replay the job's part
+            # (up to the end, or to the feed's position: the queue holds what is later).
+            replayed: list[bytes] = []
+            async with redis_errors():
+                async for event in self.feed.replay(after, top if ended else seen):
+                    if event.job == job_id:
+                        replayed.append(await self._job_message(job_id, event.fields, event.id))
+            if ended and not replayed:
+                return None
+            return Opening(sub, skip=top if ended else seen), replayed, ended
+        state = dict(record, event="state")
+        return Opening(sub, skip=top), [await self._job_message(job_id, state, top)], ended
+
+    async def _run_job(
+        self, job_id: str, opening: Opening, first: list[bytes], ended: bool
+    ) -> AsyncIterator[bytes]:
+        try:
+            for message in first:
+                yield message
+            if ended:
+                return
+            async for event in self._events(opening):
+                if event is None:
+                    yield keepalive()
+                    continue
+                yield await self._job_message(job_id, event.fields, event.id)
+                if final(event.fields):
+                    return
+        finally:
+            self.feed.unsubscribe(opening.sub)
+
+    async def _job_message(self, job_id: str, fields: dict[str, str], id: str) -> bytes:
+        """An SSE message of a job: its public fields; a final one says so and, once done,
+        carries the result as GET /v1/jobs/{id} gives it."""
+        data = public({**fields, "type": "job", "job": job_id})
+        if final(fields):
+            data["final"] = True
+            if fields.get("status") == JobStatus.DONE.value:
+                data["result"] = await self._result(job_id)
+        return sse(data, id=id)
+
+    async def _result(self, job_id: str) -> Any:
+        """The job's result, waiting a moment for it to be stored; None if it never is."""
+        deadline = time.monotonic() + RESULT_WAIT_S
+        with contextlib.suppress(RedisUnavailable, JobNotFound):
+            while True:
+                job = await self.jobs.job(job_id)
+                if job.result is not None or time.monotonic() > deadline:
+                    return job.result
+                await asyncio.sleep(0.05)
+        return None
+
+    # --- the whole deployment ---------------------------------------------------------------
+
+    async def everything(self, last_event_id: str | None) -> Response:
+        """GET /v1/events: every event after the client's id (or from now on)."""
+        sub = self.feed.subscribe(None)
+        try:
+            seen = await self._position()
+            first = await self._replay_all(last_event_id, seen)
+        except BaseException as exc:
+            self.feed.unsubscribe(sub)
+            if isinstance(exc, RedisUnavailable):
+                return self._retry_response()
+            raise
+        return self._response(self._run_all(Opening(sub, skip=seen), first))
+
+    async def _replay_all(self, last_event_id: str | None, seen: str) -> list[bytes]:
+        if last_event_id is None or not valid_id(last_event_id):
+            # Nothing to replay; the id alone (no data) tells the client where it stands.
+            return [format_sse_event(id=seen)]
+        async with redis_errors():
+            oldest = await self.feed.oldest_id()
+            if oldest is None or id_key(last_event_id) < id_key(oldest):
+                why = "the events after the id given were trimmed away: read the state again"
+                return [sse({"type": "reset", "reason": why}, event="reset", id=seen)]
+            return [self._message(event) async for event in self.feed.replay(last_event_id, seen)]
+
+    async def _run_all(self, opening: Opening, first: list[bytes]) -> AsyncIterator[bytes]:
+        try:
+            for message in first:
+                yield message
+            async for event in self._events(opening):
+                yield keepalive() if event is None else self._message(event)
+        finally:
+            self.feed.unsubscribe(opening.sub)
+
+    def _message(self, event: Event) -> bytes:
+        return sse(public(event.fields), event=event.type, id=event.id)
+
+    # --- shared -------------------------------------------------------------------------------
+
+    async def _position(self) -> str:
+        """The feed's position (it has read everything up to it); RedisUnavailable while it
+        cannot read the stream."""
+        if self.feed.last_id is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.feed.connected.wait(), timeout=1.0)
+        if self.feed.last_id is None:
+            raise RedisUnavailable(redis.ConnectionError("the event stream is not readable yet"))
+        return self.feed.last_id
+
+    async def _events(self, opening: Opening) -> AsyncIterator[Event | None]:
+        """The subscription's events past `skip`, None after each idle keep-alive period; ends
+        when the subscription is dropped (too slow, the server stops) or after MAX_STREAM_S."""
+        ends = time.monotonic() + MAX_STREAM_S
+        skip = id_key(opening.skip)
+        while (left := ends - time.monotonic()) > 0:
+            event = await opening.sub.next(min(self.keepalive_s, left))
+            if opening.sub.dropped.is_set():
+                return
+            if event is None:
+                yield None
+            elif id_key(event.id) > skip:
+                yield event
+
+    def _response(self, body: AsyncIterator[bytes]) -> Response:
+        async def ended_with_retry() -> AsyncIterator[bytes]:
+            self.open_streams += 1
+            try:
+                async for chunk in body:
+                    yield chunk
+                yield retry_later()
+            finally:
+                self.open_streams -= 1
+
+        return EventSourceResponse(ended_with_retry(), headers=_NO_BUFFERING)
+
+    def _retry_response(self) -> Response:
+        return EventSourceResponse(_once(retry_later()), headers=_NO_BUFFERING)
+
+
+_NO_BUFFERING = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def _once(chunk: bytes) -> AsyncIterator[bytes]:
+    yield chunk
