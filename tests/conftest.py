@@ -61,14 +61,17 @@ from fastapi.testclient import TestClient
 
 import core
 import main
+from hueyserve.api.guard import RequestGuard
 from hueyserve.api.services import Services
 from hueyserve.models import ModelEntry
+from hueyserve.settings import settings
 from hueyserve.wire import MODELS_KEY
 from hueyserve.worker.fitting import ensure_demo_models
 from hueyserve.worker.publishing import publish
 from hueyserve.worker.registry import LoadedModel
 from hueyserve.worker.store import ModelStore
 from tests.helpers import services_of, wait_for
+from tests.stacks import faults  # noqa: F401 (a fixture, for every test module)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -168,6 +171,19 @@ def client(consumer: Any) -> Iterator[TestClient]:
     """The real app (lifespan included) with two in-process workers behind it."""
     with TestClient(main.app) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def keyed(consumer: Any) -> Iterator[TestClient]:
+    """The real app behind a guard with one predict key (p-key) and one admin key (a-key)."""
+    guarded = RequestGuard(
+        main.app,
+        predict_keys=frozenset({"p-key"}),
+        admin_keys=frozenset({"a-key"}),
+        max_body_bytes=settings.max_body_bytes,
+    )
+    with TestClient(guarded) as client:
+        yield client
 
 
 @pytest.fixture

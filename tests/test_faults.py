@@ -9,86 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import numpy as np
-import pytest
 import redis
 
 import core
 from hueyserve import wire
-from hueyserve.dev.redis_server import EmbeddedRedis, free_port
-from hueyserve.dev.stack import PROTOCOL, stop
-from tests.helpers import BIN, PREDICT, alive, children, spawn, wait_for
-
-
-class FaultStack:
-    """A Redis with an append-only file, consumers and an API, each killable."""
-
-    def __init__(self, tmp_path: Path, demo_models: Path) -> None:
-        shutil.copytree(demo_models, tmp_path / "models")
-        self.redis = EmbeddedRedis(port=free_port(), data_dir=tmp_path / "redis")
-        self.redis.start()
-        self.env = {
-            **os.environ,
-            "REDIS_URL": self.redis.url,
-            "HUEYSERVE_MODEL_DIR": str(tmp_path / "models"),
-            "HUEYSERVE_LOG_DIR": str(tmp_path / "logs"),
-            "HUEYSERVE_LEASE_S": "2",
-        }
-        self.consumers: list[subprocess.Popen[bytes]] = []
-        port = free_port()
-        self.base = f"http://127.0.0.1:{port}"
-        self.api_console = tmp_path / "api.log"
-        self.api = spawn(
-            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port",
-             str(port), "--log-level", "warning", "--http", PROTOCOL],
-            self.env,
-            self.api_console,
-        )  # fmt: skip
-
-    def add_consumer(self, console: Path | None = None) -> subprocess.Popen[bytes]:
-        consumer = spawn(
-            [str(BIN / "huey_consumer"), "core.huey", "-k", "thread", "-w", "4", "-m", "1"],
-            self.env,
-            console,
-        )
-        self.consumers.append(consumer)
-        return consumer
-
-    def conn(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_timeout=2)
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.base}/v2/health/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def close(self) -> None:
-        stop(self.api)
-        for consumer in self.consumers:
-            stop(consumer)
-        self.redis.stop()
-
-
-@pytest.fixture
-def faults(tmp_path: Path, demo_models: Path) -> Iterator[FaultStack]:
-    stack = FaultStack(tmp_path, demo_models)
-    try:
-        yield stack
-    finally:
-        stack.close()
+from tests.helpers import PREDICT, alive, children, wait_for
+from tests.stacks import FaultStack
 
 
 def lease_count(conn: redis.Redis) -> int:

@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 import core
 import main
 from hueyserve import wire
-from hueyserve.api.guard import RequestGuard
 from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.serializer import JsonSerializer
 from hueyserve.settings import settings
@@ -29,19 +28,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 BODY = {"instances": EXAMPLE_ROWS}
-
-
-@pytest.fixture
-def keyed(consumer: Any) -> Iterator[TestClient]:
-    """The real app behind a guard with one predict key and one admin key."""
-    guarded = RequestGuard(
-        main.app,
-        predict_keys=frozenset({"p-key"}),
-        admin_keys=frozenset({"a-key"}),
-        max_body_bytes=settings.max_body_bytes,
-    )
-    with TestClient(guarded) as client:
-        yield client
 
 
 def test_without_a_key_only_probes_metrics_and_docs_answer(keyed: TestClient) -> None:

@@ -1,0 +1,276 @@
+"""Job events: the Redis Stream written with every job record change, and the server-sent
+streams (and WebSocket) that push it to clients, resumable without a gap or a duplicate.
+
+Answers that come before a stream (404, 401, 204) and the stream of a finished job (finite)
+are read through the in-process app; live streams, an API restarted and a Redis restarted
+under them go through real processes (tests.stacks.FaultStack).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2 as httpx
+import numpy as np
+import orjson
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sklearn.base import clone
+from sklearn.datasets import load_diabetes
+from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+
+import main
+from hueyserve.sse import ServerEvent, events
+from hueyserve.wire import EVENTS_KEY
+from hueyserve.worker import progress
+from hueyserve.worker.progress import Progress
+from tests.helpers import FlakyModel, GateModel, poll_job, wait_for
+from tests.stacks import FaultStack
+
+ROW = [0.01] * 10
+
+
+def read_stream(client: TestClient | httpx.Client, url: str, **headers: str) -> list[ServerEvent]:
+    """A finite stream's events (those with data)."""
+    with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [e for e in events(response.iter_lines()) if e.data]
+
+
+def submit(client: TestClient | httpx.Client, **body: Any) -> str:
+    response = client.post("/v1/jobs", json={"model": "diabetes", "instances": [ROW]} | body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    return job_id
+
+
+# --- answered before the stream -----------------------------------------------------------------
+
+
+def test_a_finished_job_answers_its_state_then_204_once_seen(client: TestClient) -> None:
+    job_id = submit(client)
+    poll_job(client, job_id)
+    (only,) = read_stream(client, f"/v1/jobs/{job_id}/events")
+    state = orjson.loads(only.data)
+    assert state["event"] == "state" and state["status"] == "done" and state["final"] is True
+    assert state["result"] == client.get(f"/v1/jobs/{job_id}").json()["result"]
+    assert only.id is not None
+    # EventSource reconnects with the id it saw: 204 tells it to stop for good.
+    again = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": only.id})
+    assert again.status_code == 204 and again.content == b""
+
+
+def test_unknown_jobs_are_404_and_keys_are_checked_before_the_stream(keyed: TestClient) -> None:
+    for path in ("/v1/jobs/some-id/events", "/v1/events"):
+        refused = keyed.get(path)
+        assert refused.status_code == 401, path
+        assert refused.headers["content-type"] == "application/json"
+    missing = keyed.get("/v1/jobs/no-such-job/events", headers={"X-API-Key": "p-key"})
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/json"
+    assert "no job" in missing.json()["error"]
+
+
+def test_every_state_change_is_an_event_written_with_its_record(
+    consumer_factory: Any, serve_model: Any, redis_conn: redis.Redis
+) -> None:
+    """Each job's events in the stream, in order, each showing the record as the change
+    left it: one that ran, one cancelled while queued, one retried after a failure."""
+    consumer_factory(workers=1)
+    gate, flaky = GateModel(), FlakyModel(failures=1)
+    with TestClient(main.app) as client:
+        serve_model("gate", gate, n_features=1, client=client)
+        serve_model("flaky", flaky, n_features=1, client=client)
+        ran = submit(client, model="gate", instances=[[1.0]])
+        assert gate.started.wait(10)
+        cancelled = submit(client, model="gate", instances=[[2.0]])
+        assert client.delete(f"/v1/jobs/{cancelled}").status_code == 200
+        gate.release.set()
+        retried = submit(client, model="flaky", instances=[[3.0]])
+        poll_job(client, ran)
+        poll_job(client, retried, timeout_s=20)
+    first = job_events(redis_conn, ran)
+    assert [e["event"] for e in first] == ["queued", "running", "done"]
+    assert [e["status"] for e in first] == ["queued", "running", "done"]
+    assert all(e["kind"] == "predict" and e["model"] == "gate" for e in first)
+    assert first[1]["worker"] and float(first[2]["run_s"]) >= 0 <= float(first[2]["queued_s"])
+    assert [e["event"] for e in job_events(redis_conn, cancelled)] == ["queued", "cancelled"]
+    again = [e["event"] for e in job_events(redis_conn, retried)]
+    assert again == ["queued", "running", "retrying", "running", "done"], again
+    assert "flaky failure 1" in job_events(redis_conn, retried)[2]["error"]
+
+
+def job_events(conn: redis.Redis, job_id: str) -> list[dict[str, str]]:
+    found = []
+    for _, raw in conn.xrange(EVENTS_KEY):
+        entry = {k.decode(): v.decode() for k, v in raw.items()}
+        if entry.get("job") == job_id:
+            found.append(entry)
+    return found
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        RandomForestRegressor(n_estimators=25, random_state=3),
+        GradientBoostingRegressor(n_estimators=20, subsample=0.7, random_state=3),
+    ],
+)
+def test_an_ensemble_is_fitted_in_steps_to_the_same_model(estimator: Any) -> None:
+    """Progress while fitting: a tree ensemble grows in tenths (warm_start), reported after
+    each, and ends as the same model one fit makes, with its parameters as they were."""
+    x, y = load_diabetes(return_X_y=True)
+    reported: list[tuple[str, float | None]] = []
+
+    class Recorded(Progress):
+        def __call__(self, stage: str, fraction: float | None = None) -> None:
+            reported.append((stage, fraction))
+
+    stepped = clone(estimator)
+    progress.fit(stepped, x, y, Recorded("redis://unused", "job", ttl_s=1, events_max_len=1000))
+    once = clone(estimator).fit(x, y)
+    assert np.array_equal(stepped.predict(x), once.predict(x))
+    assert stepped.get_params() == estimator.get_params()
+    fractions = [fraction for _, fraction in reported]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and len(fractions) == 11
+    assert fractions == sorted(fractions)
+
+
+# --- live streams on real processes -------------------------------------------------------------
+
+
+@dataclass
+class Follower:
+    """A client of an event stream that reconnects as EventSource does (with the last id it
+    saw) until told to stop or answered 204; what it received, in order."""
+
+    url: str
+    received: list[ServerEvent] = field(default_factory=list)
+    connections: int = 0
+    last_id: str | None = None
+    ended_with_204: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            headers = {} if self.last_id is None else {"Last-Event-ID": self.last_id}
+            try:
+                timeout = httpx.Timeout(5.0, read=3.0)
+                with httpx.stream("GET", self.url, headers=headers, timeout=timeout) as response:
+                    if response.status_code == 204:
+                        self.ended_with_204 = True
+                        return
+                    if response.status_code != 200:
+                        raise AssertionError(f"{self.url}: {response.status_code}")
+                    self.connections += 1
+                    for event in events(response.iter_lines()):
+                        self.last_id = event.id or self.last_id
+                        if event.data:
+                            self.received.append(event)
+                        if self.stop.is_set():
+                            return
+            except httpx.HTTPError:
+                pass  # the server went away or is idle: reconnect, as a browser does
+            time.sleep(0.2)
+
+    @classmethod
+    def start(cls, url: str) -> tuple[Follower, threading.Thread]:
+        follower = cls(url)
+        thread = threading.Thread(target=follower.run, daemon=True)
+        thread.start()
+        return follower, thread
+
+
+@pytest.fixture
+def stack(faults: FaultStack) -> Iterator[FaultStack]:
+    faults.add_consumer()
+    wait_for(faults.ready, "the stack to be ready", timeout_s=60)
+    yield faults
+
+
+def test_a_training_s_stream_shows_its_stages_and_resumes_without_gap_or_duplicate(
+    stack: FaultStack,
+) -> None:
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        body = {"estimator": "RandomForestRegressor", "params": {"n_estimators": 60}}
+        accepted = api.post("/v1/models/diabetes/train", json=body)
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["job_id"]
+        url = f"/v1/jobs/{job_id}/events"
+        full = read_stream(api, url)
+    datas = [orjson.loads(e.data) for e in full]
+    assert datas[0]["event"] == "state" and datas[-1]["final"] is True
+    assert datas[-1]["status"] == "done" and datas[-1]["result"]["model_version"]
+    stages = [d["stage"] for d in datas if d["event"] == "progress"]
+    wanted = ["data loaded", "fitting", "scored", "saved", "loaded", "published"]
+    assert [s for s in dict.fromkeys(stages)] == wanted, stages
+    fractions = [d["progress"] for d in datas if d.get("stage") == "fitting" and "progress" in d]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # steps: test_fit_in_steps
+    ids = [e.id for e in full]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, str(i).split("-")))), ids
+    assert len(set(ids)) == len(ids)
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        # From the middle: exactly the rest (the events after that id), nothing twice.
+        middle = len(full) // 2
+        rest = read_stream(api, url, **{"Last-Event-ID": str(full[middle].id)})
+        assert [(e.id, e.data) for e in rest] == [(e.id, e.data) for e in full[middle + 1 :]]
+        assert api.get(url, headers={"Last-Event-ID": str(full[-1].id)}).status_code == 204
+
+
+@pytest.mark.parametrize("restart", ["api", "redis"])
+def test_a_restart_mid_stream_loses_no_event_and_repeats_none(
+    stack: FaultStack, restart: str
+) -> None:
+    """Followers of the deployment stream and of one job's stream reconnect across a
+    restart of the API process or of Redis; every job's queued/running/done arrives once."""
+    jobs: list[str] = []
+    everything, all_thread = Follower.start(f"{stack.base}/v1/events")
+    wait_for(lambda: everything.connections, "the follower to connect", timeout_s=15)
+
+    def submit_some(n: int) -> None:
+        with httpx.Client(base_url=stack.base, timeout=10) as api:
+            for _ in range(n):
+                jobs.append(submit(api))
+
+    submit_some(15)
+    if restart == "api":
+        stack.restart_api()
+    else:
+        stack.redis.stop()
+        # A stream asked for meanwhile is a 200 that says when to come back, never a 503
+        # (EventSource gives up for good on one).
+        down = httpx.get(f"{stack.base}/v1/jobs/{jobs[0]}/events", timeout=10)
+        assert down.status_code == 200 and "retry: " in down.text, down.text
+        stack.redis.start()  # same port, same append-only file
+        wait_for(stack.ready, "the stack to be ready again", timeout_s=30)
+    submit_some(15)
+
+    def all_done() -> bool:
+        seen = {(d["job_id"], d["event"]) for d in datas_of(everything) if d["type"] == "job"}
+        return all((job, "done") in seen for job in jobs)
+
+    try:
+        wait_for(all_done, "every job's done event", timeout_s=60)
+    finally:
+        everything.stop.set()
+        all_thread.join(timeout=10)
+    if restart == "api":  # a Redis restart need not end it: the API reads on where it was
+        assert everything.connections >= 2, "the restart should have ended the first stream"
+    ids = [e.id for e in everything.received]
+    assert len(ids) == len(set(ids)), "an event arrived twice"
+    per_job = Counter(
+        d["job_id"] for d in datas_of(everything) if d["type"] == "job" and d["job_id"] in jobs
+    )
+    assert set(per_job.values()) == {3}, per_job  # queued, running, done: each exactly once
+    print(f"\n{restart} restarted: {len(ids)} events over {everything.connections} connections")
+
+
+def datas_of(follower: Follower) -> list[dict[str, Any]]:
+    return [orjson.loads(e.data) for e in list(follower.received)]
