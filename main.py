@@ -17,7 +17,7 @@ import logging
 from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, Header, Path, Request, Response
+from fastapi import Depends, Header, Path, Request, Response, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
@@ -27,12 +27,13 @@ from starlette.types import Scope
 
 import core
 from hueyserve import metrics
-from hueyserve.api import paths, v2
+from hueyserve.api import dashboard, paths, sessions, v2
 from hueyserve.api.app import create_app
-from hueyserve.api.guard import is_admin, scoped
+from hueyserve.api.guard import is_admin, key_of, scoped
 from hueyserve.api.imports import read_import
 from hueyserve.api.inference import Prediction
 from hueyserve.api.inputs import check_features
+from hueyserve.api.paths import Access
 from hueyserve.api.schemas import (
     DeleteResult,
     ImportResult,
@@ -448,6 +449,16 @@ async def deployment_events(api: Api, last_event_id: LastEventId = None) -> Resp
     return await api.streams.everything(last_event_id)
 
 
+@app.websocket(paths.JOB_EVENTS)
+async def job_events_socket(socket: WebSocket, job_id: str) -> None:
+    """The WebSocket twin of the job's server-sent events: the same JSON, with its `id`;
+    `?last_event_id=` resumes. The guard checks the key (or session) and the Origin."""
+    services: Services = socket.app.state.services
+    await socket.accept()
+    last_event_id = socket.query_params.get("last_event_id")
+    await services.streams.job_socket(socket, job_id[:200], last_event_id)
+
+
 @app.delete(
     paths.JOB,
     response_model=JobPublic,
@@ -565,6 +576,44 @@ def accepted_response(accepted: JobAccepted) -> JSONResponse:
         status_code=202,
         headers={"Location": accepted.location, "Preference-Applied": "respond-async"},
     )
+
+
+# --- dashboard and sessions -------------------------------------------------------------------
+
+
+@app.get(paths.DASHBOARD, include_in_schema=False)
+async def dashboard_page() -> Response:
+    return Response(dashboard.page(), media_type="text/html; charset=utf-8")
+
+
+@app.get(paths.STATS, summary="The last minutes: throughput, latency percentiles, rates, workers")
+async def stats(api: Api, request: Request) -> JSONResponse:
+    return JSONResponse(await dashboard.stats(api, admin=is_admin(request.state)))
+
+
+@app.post(paths.SESSION, summary="A browser session cookie for the key in the header")
+async def start_session(request: Request) -> JSONResponse:
+    """For pages: EventSource and WebSocket cannot send the key, so the cookie stands for
+    it (reads only) for HUEYSERVE_SESSION_TTL_S. Without keys configured, none is needed."""
+    access = getattr(request.state, "caller", None) or Access.ADMIN
+    keyed = bool(settings.keys("api") | settings.keys("admin"))
+    body = {"access": access.value, "keys": keyed, "expires_in": settings.session_ttl_s}
+    response = JSONResponse(body)
+    key = key_of(dict(request.scope["headers"]))
+    if keyed and key:
+        token = sessions.mint(key, access, settings.session_ttl_s)
+        response.set_cookie(
+            sessions.COOKIE, token, max_age=settings.session_ttl_s, httponly=True,
+            samesite="strict", secure=request.url.scheme == "https", path="/",
+        )  # fmt: skip
+    return response
+
+
+@app.post(paths.SESSION_END, summary="End the browser session (the cookie expires)")
+async def end_session() -> JSONResponse:
+    response = JSONResponse({"ended": True})
+    response.delete_cookie(sessions.COOKIE, path="/")
+    return response
 
 
 # --- health -------------------------------------------------------------------------------

@@ -210,6 +210,19 @@ class Settings(BaseSettings):
         "", description="Comma-separated models the scheduled retrain covers; empty = all."
     )
 
+    # --- Pages ------------------------------------------------------------------------------
+    session_ttl_s: int = Field(
+        3600,
+        ge=60,
+        description="With API keys: how long a dashboard's session cookie (which stands for "
+        "the key typed into the page) is valid.",
+    )
+    allowed_origins: str = Field(
+        "",
+        description="Comma-separated origins (https://ops.example.com) whose pages may open "
+        "this API's WebSockets, besides its own.",
+    )
+
     # --- Logs ------------------------------------------------------------------------------
     log_dir: Path = Field(Path("logs"), description="Rotating log files go here.")
     task_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
@@ -229,6 +242,12 @@ class Settings(BaseSettings):
         """The configured keys of a scope ("api" or "admin")."""
         raw = self.api_keys if scope == "api" else self.admin_keys
         return frozenset(key.strip() for key in raw.split(",") if key.strip())
+
+    def origins(self) -> frozenset[str]:
+        """The origins HUEYSERVE_ALLOWED_ORIGINS lists."""
+        return frozenset(
+            o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()
+        )
 
     @model_validator(mode="after")
     def _check_sync_ttl(self) -> Settings:

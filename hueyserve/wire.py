@@ -22,6 +22,7 @@ modules (hueyserve.worker) both import it; neither imports the other.
 | `hueyserve:models:demos`             | SET     | workers               | workers               |
 | `hueyserve:artifact:<sha256>`        | STRING  | API, workers          | workers               |
 | `hueyserve:workers`                  | ZSET    | workers (heartbeat)   | API (readiness)       |
+| `hueyserve:worker:<host:pid>`        | STRING  | workers (heartbeat)   | API (dashboard)       |
 | `hueyserve:training`                 | lock    | workers               | workers               |
 """
 
@@ -50,6 +51,7 @@ VERSIONS_KEY = "hueyserve:models:versions"
 DEMOS_KEY = "hueyserve:models:demos"  #: set: demo models created once in this deployment
 ARTIFACT_PREFIX = "hueyserve:artifact:"  #: + SHA-256 -> a model file's bytes
 HEARTBEATS_KEY = "hueyserve:workers"  #: sorted set: worker|proof -> time of its last beat
+WORKER_STATUS_PREFIX = "hueyserve:worker:"  #: + host:pid -> JSON: running tasks, models, ...
 TRAINING_LOCK_KEY = "hueyserve:training"  #: one training at a time across every worker
 DOORBELL_TOKENS = 1024  #: most tokens kept: idle workers wake at most this often for nothing
 #: The only `maxmemory-policy` under which Redis keeps every queued task and job record: under
@@ -86,6 +88,10 @@ def parse_heartbeat_member(member: str) -> tuple[str, str]:
     """(worker id, secret proof); a member from before proofs has the proof ''."""
     worker, _, proof = member.rpartition("|")
     return (worker, proof) if worker else (member, "")
+
+
+def worker_status_key(worker: str) -> str:
+    return WORKER_STATUS_PREFIX + worker
 
 
 def artifact_key(digest: str) -> str:

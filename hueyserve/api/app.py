@@ -56,6 +56,7 @@ def create_app(settings: Settings, huey: Huey, tasks: Tasks) -> FastAPI:
                 max_upload_bytes=settings.max_artifact_bytes + UPLOAD_OVERHEAD_BYTES,
                 body_timeout_s=settings.body_timeout_s,
                 key_salt=settings.secret_value(),
+                allowed_origins=settings.origins(),
             ),
             Middleware(CachedAnswers),
         ],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ READ_BLOCK_MS = 5000  #: one XREAD waits this long for new entries
 READ_COUNT = 1000  #: most entries one XREAD takes
 SUBSCRIBER_BACKLOG = 10_000  #: entries a subscriber may have waiting before it is dropped
 RECONNECT_S = (0.1, 2.0)  #: the reader's pause after a failure: first, most
+BACKFILL_MAX = 300_000  #: most entries read back for the listeners at the start
 _FEEDS: weakref.WeakSet[EventFeed] = weakref.WeakSet()
 
 
@@ -113,10 +115,13 @@ class EventFeed:
     """One per API process. `run` reads the stream until cancelled; `subscribe` hands a
     client every later event it wants; `listeners` get every event (the activity window)."""
 
-    def __init__(self, client: aioredis.Redis, reader: aioredis.Redis) -> None:
+    def __init__(
+        self, client: aioredis.Redis, reader: aioredis.Redis, backfill_s: float = 0.0
+    ) -> None:
         self.client = client  #: the shared pool: replays and snapshots
         self.reader = reader  #: its own connection, without a read timeout shorter than a block
         self.last_id: str | None = None  #: the newest entry handed out
+        self.backfill_s = backfill_s  #: listeners get this much of the past at the start
         self.connected = asyncio.Event()
         self.listeners: list[Callable[[Event], None]] = []
         self._by_job: dict[str, set[Subscription]] = {}
@@ -155,7 +160,9 @@ class EventFeed:
         while True:
             try:
                 if self.last_id is None:
-                    self.last_id = await self.newest_id(self.reader) or "0-0"
+                    newest = await self.newest_id(self.reader) or "0-0"
+                    await self._backfill(newest)
+                    self.last_id = newest
                 self.connected.set()
                 answer: Any = await self.reader.xread(
                     {EVENTS_KEY: self.last_id}, count=READ_COUNT, block=READ_BLOCK_MS
@@ -184,6 +191,23 @@ class EventFeed:
         for sub in wanting:
             if not sub.offer(event):  # too far behind: its client resumes from Redis
                 self.unsubscribe(sub)
+
+    async def _backfill(self, until: str) -> None:
+        """Hand the listeners (not the subscribers) the last `backfill_s` seconds."""
+        if not self.listeners or self.backfill_s <= 0:
+            return
+        since = int((time.time() - self.backfill_s) * 1000)
+        start, read = f"{since}-0", 0
+        while read < BACKFILL_MAX:
+            entries: Any = await self.reader.xrange(EVENTS_KEY, start, until, count=READ_COUNT)
+            for raw_id, raw in entries:
+                event = _event(raw_id, raw)
+                for listener in self.listeners:
+                    listener(event)
+            read += len(entries)
+            if len(entries) < READ_COUNT:
+                return
+            start = f"({_event(*entries[-1]).id}"
 
     async def newest_id(self, client: aioredis.Redis | None = None) -> str | None:
         """The id of the stream's newest entry (None: the stream is empty)."""

@@ -8,6 +8,10 @@ Keys are optional. With none configured, every route is open. With `HUEYSERVE_AP
   key), but readiness tells its reasons, and `/health` its details, to an admin key only;
 - training, reloads and purging the queue need an admin key;
 - everything else (models, predict, infer, jobs) needs a predict key or an admin key.
+A browser page may instead hold a session cookie (hueyserve.api.sessions), good for reads
+(GET, and WebSockets, which open with a GET). A WebSocket from a browser must also come from
+this server's own origin, or one listed in HUEYSERVE_ALLOWED_ORIGINS: a cookie travels with a
+socket opened by any site's page, so the origin is what tells the dashboard from another site.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+from urllib.parse import urlsplit
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hueyserve.api import sessions
 from hueyserve.api.paths import Access, access, is_upload
 from hueyserve.errors import PayloadTooLarge, RequestTimeout, ServiceError
 
@@ -50,6 +56,7 @@ class RequestGuard:
         max_upload_bytes: int = 0,
         body_timeout_s: float = 30.0,
         key_salt: str | None = None,
+        allowed_origins: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.predict_keys = predict_keys | admin_keys  # an admin may predict too
@@ -58,14 +65,21 @@ class RequestGuard:
         self.max_upload_bytes = max(max_upload_bytes, max_body_bytes)  #: model imports
         self.body_timeout_s = body_timeout_s
         self.key_salt = (key_salt or "").encode()  #: HUEYSERVE_SECRET, for key ids
+        self.allowed_origins = allowed_origins
+        self.by_access = {Access.PREDICT: self.predict_keys, Access.ADMIN: admin_keys}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._socket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        key = _key(headers) if self.predict_keys else None
+        key = key_of(headers) if self.predict_keys else None
         caller = self._caller(key)
+        if caller is None and key is None and scope.get("method") == "GET":
+            caller = self._session(headers)
         # For routes that show more to an admin, and idempotency keys of one API key's own
         # (an outer guard's word stands).
         state = scope.setdefault("state", {})
@@ -130,6 +144,35 @@ class RequestGuard:
                 raise
             await _answer(send, *_refusal_of(exc))
 
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket: its origin and its key (header or session), or a close before it is
+        accepted (the client sees a 403)."""
+        headers = dict(scope["headers"])
+        key = key_of(headers) if self.predict_keys else None
+        caller = self._caller(key) if key is not None else self._session(headers)
+        refused = not self._same_or_allowed_origin(headers) or (
+            self.predict_keys and caller is None
+        )
+        if refused or access(scope["path"], "GET") is Access.ADMIN and caller is not Access.ADMIN:
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        scope.setdefault("state", {}).setdefault(CALLER, caller)
+        await self.app(scope, receive, send)
+
+    def _same_or_allowed_origin(self, headers: dict[bytes, bytes]) -> bool:
+        """No Origin (not a browser), this server's own, or one allowed by configuration."""
+        origin = headers.get(b"origin")
+        if origin is None:
+            return True
+        text = origin.decode("latin-1")
+        host = headers.get(b"host", b"").decode("latin-1")
+        return urlsplit(text).netloc == host or text in self.allowed_origins
+
+    def _session(self, headers: dict[bytes, bytes]) -> Access | None:
+        """The access a valid session cookie gives (for reads), when keys are configured."""
+        token = sessions.cookie_of(headers) if self.predict_keys else None
+        return None if token is None else sessions.check(token, self.by_access)
+
     def _caller(self, key: str | None) -> Access | None:
         """The access the request's key gives (all of it when no keys are configured)."""
         if not self.predict_keys:
@@ -171,7 +214,7 @@ class RequestGuard:
             return None
         challenge = [(b"www-authenticate", b'Bearer realm="hueyserve"')]
         if caller is None:
-            if _key(headers) is None:
+            if key_of(headers) is None:
                 return 401, "an API key is required: send 'Authorization: Bearer <key>'", challenge
             return 401, "unknown API key", challenge
         if needed is Access.ADMIN:
@@ -202,7 +245,7 @@ async def _answer(
     await send({"type": "http.response.body", "body": body})
 
 
-def _key(headers: dict[bytes, bytes]) -> str | None:
+def key_of(headers: dict[bytes, bytes]) -> str | None:
     authorization = headers.get(b"authorization", b"")
     if authorization[:7].lower() == b"bearer ":
         return authorization[7:].strip().decode("latin-1")

@@ -85,6 +85,29 @@ class HealthService:
         sharing = {w: alive[w] for w, proof, _ in beats if proof in (self.proof, "")}
         return alive, sharing
 
+    async def worker_details(self) -> list[dict[str, Any]]:
+        """Every live worker: host, pid, age of its last beat, what it runs and holds."""
+        alive, sharing = await self._workers()
+        statuses = await self.redis.worker_statuses(sorted(alive))
+        details = []
+        for worker, status in statuses.items():
+            host, _, pid = worker.rpartition(":")
+            details.append({
+                "worker": worker, "host": host, "pid": int(pid) if pid.isdigit() else None,
+                "last_beat_s": alive[worker], "shares_secret": worker in sharing, **status,
+            })  # fmt: skip
+        return details
+
+    async def depth_by_priority(self) -> dict[int, int]:
+        """Waiting tasks by priority (those with any, and the configured defaults)."""
+        configured = {
+            self.settings.sync_priority,
+            self.settings.async_priority,
+            self.settings.train_priority,
+        }
+        depth = await self.redis.depth_by_priority({*PRIORITY_LEVELS, *configured})
+        return {priority: depth.get(priority, 0) for priority in sorted({*configured, *depth})}
+
     async def update_queue_depth(self) -> None:
         """Set the queue-depth gauge from Redis, a priority level at a time."""
         configured = {

@@ -51,6 +51,10 @@ JOBS = "/v1/jobs"
 JOB = "/v1/jobs/{job_id}"
 JOB_EVENTS = "/v1/jobs/{job_id}/events"  #: server-sent events; a WebSocket on the same path
 EVENTS = "/v1/events"  #: the whole deployment's events (server-sent)
+SESSION = "/v1/session"  #: POST with a key: a browser session cookie (hueyserve.api.sessions)
+SESSION_END = "/v1/session/end"  #: POST: the cookie expires (open: ending one harms nobody)
+STATS = "/v1/stats"  #: the last minutes' throughput, latency percentiles and rates
+DASHBOARD = "/"  #: the live dashboard (a static page; its data comes with a key or session)
 PURGE = "/v1/queue/purge"
 # Open Inference Protocol v2
 V2_SERVER = "/v2"
@@ -71,7 +75,7 @@ DOCS_ASSETS = "/docs/assets"  #: Swagger UI's own files (hueyserve.api.docs)
 OPENAPI = "/openapi.json"
 DOCS = (DOCS_UI, DOCS_OAUTH2, f"{DOCS_ASSETS}/{{file}}", OPENAPI)
 
-OPEN_PATHS = (V2_SERVER, LIVE, READY, HEALTH, METRICS, *DOCS)
+OPEN_PATHS = (V2_SERVER, LIVE, READY, HEALTH, METRICS, *DOCS, DASHBOARD, SESSION_END)
 ADMIN_PATHS = (V1_TRAIN, V1_RELOAD, PURGE)
 #: Admin by method: imports, and deletes of models and versions (GETs need a predict key).
 ADMIN_METHODS = {"POST": (V1_VERSIONS,), "DELETE": (V1_MODEL, V1_VERSION)}

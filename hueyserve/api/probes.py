@@ -7,12 +7,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 
 from hueyserve.api.queue import redis_errors
 from hueyserve.errors import RedisUnavailable
-from hueyserve.wire import HEARTBEATS_KEY, parse_heartbeat_member
+from hueyserve.wire import EVENTS_KEY, HEARTBEATS_KEY, parse_heartbeat_member, worker_status_key
 
 
 class RedisProbe:
@@ -63,3 +64,28 @@ class RedisProbe:
             worker, proof = parse_heartbeat_member(bytes(member).decode())
             found.append((worker, proof, float(score)))
         return found
+
+    async def worker_statuses(self, workers: list[str]) -> dict[str, dict[str, Any]]:
+        """What each worker said of itself with its last beat (running tasks, models)."""
+        if not workers:
+            return {}
+        async with redis_errors():
+            raw: list[Any] = await self.client.mget([worker_status_key(w) for w in workers])
+        statuses = {}
+        for worker, text in zip(workers, raw, strict=True):
+            try:
+                status = orjson.loads(text) if text is not None else {}
+            except orjson.JSONDecodeError:  # altered in Redis: show the worker without it
+                status = {}
+            statuses[worker] = status if isinstance(status, dict) else {}
+        return statuses
+
+    async def event_stream(self) -> dict[str, int]:
+        """The event stream's length and its memory in Redis (bytes; 0 where refused)."""
+        async with redis_errors():
+            length = int(await self.client.xlen(EVENTS_KEY))
+            try:
+                memory = int(await self.client.memory_usage(EVENTS_KEY) or 0)
+            except redis.ResponseError:  # MEMORY refused (some managed services)
+                memory = 0
+        return {"length": length, "memory_bytes": memory}

@@ -18,6 +18,7 @@ from huey import Huey
 from huey.api import TaskWrapper
 from redis import RedisError
 
+from hueyserve.api.activity import WINDOW_S, Activity
 from hueyserve.api.answers import AnswerCache
 from hueyserve.api.catalog import ModelCatalog
 from hueyserve.api.events import READ_BLOCK_MS, EventFeed
@@ -55,6 +56,7 @@ class Services:
     answers: AnswerCache
     feed: EventFeed
     streams: Streams
+    activity: Activity
 
     @classmethod
     def build(cls, settings: Settings, huey: Huey, tasks: Tasks) -> Services:
@@ -87,7 +89,9 @@ class Services:
             socket_timeout=READ_BLOCK_MS / 1000 + 5,
             socket_keepalive=True,
         )
-        feed = EventFeed(queue.client, reader)
+        feed = EventFeed(queue.client, reader, backfill_s=WINDOW_S)
+        activity = Activity()
+        feed.listeners.append(activity.observe)
         return cls(
             settings=settings,
             queue=queue,
@@ -108,6 +112,7 @@ class Services:
             answers=AnswerCache(cache, catalog),
             feed=feed,
             streams=Streams(feed, jobs, settings.events_keepalive_s),
+            activity=activity,
         )
 
 

@@ -22,11 +22,12 @@ import orjson
 import redis
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.responses import Response
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from hueyserve.api.events import Event, EventFeed, Subscription, id_key, valid_id
 from hueyserve.api.jobs import JobService
 from hueyserve.api.queue import redis_errors
-from hueyserve.errors import JobNotFound, RedisUnavailable
+from hueyserve.errors import JobNotFound, RedisUnavailable, ServiceError
 from hueyserve.jobs import ENDED, JobStatus
 from hueyserve.wire import EVENTS_KEY, job_key
 
@@ -128,11 +129,41 @@ class Streams:
         if opening is None:
             self.feed.unsubscribe(sub)
             return Response(status_code=204)
-        return self._response(self._run_job(job_id, *opening))
+        return self._response(_as_sse(self._run_job(job_id, *opening)))
+
+    async def job_socket(self, socket: WebSocket, job_id: str, last_event_id: str | None) -> None:
+        """The WebSocket twin of `job`: the same JSON (with its `id`), one message each; the
+        socket closes after the final one (1000), at once for a job whose end the client saw,
+        with 4404 for an unknown job and 1013 (try again later) when Redis is down."""
+        sub = self.feed.subscribe(job_id)
+        try:
+            opening = await self._open_job(sub, job_id, last_event_id)
+        except ServiceError as exc:
+            self.feed.unsubscribe(sub)
+            code = 4404 if isinstance(exc, JobNotFound) else 1013
+            await socket.close(code=code, reason=exc.message[:120])
+            return
+        except BaseException:
+            self.feed.unsubscribe(sub)
+            raise
+        if opening is None:
+            self.feed.unsubscribe(sub)
+            await socket.close(code=1000)
+            return
+        self.open_streams += 1
+        try:
+            async for message in self._run_job(job_id, *opening):
+                if message is not None:
+                    await socket.send_bytes(orjson.dumps({"id": message[0], **message[1]}))
+            await socket.close(code=1000)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.open_streams -= 1
 
     async def _open_job(
         self, sub: Subscription, job_id: str, last_event_id: str | None
-    ) -> tuple[Opening, list[bytes], bool] | None:
+    ) -> tuple[Opening, list[Message], bool] | None:
         """The job's opening, what it sends first and whether that includes the end; None
         for a 204 (the client has seen the end). JobNotFound for an unknown job."""
         seen = await self._position()
@@ -150,20 +181,21 @@ class Streams:
         if after is not None and oldest and id_key(after) >= id_key(oldest[0][0].decode()):
             # Everything after the client's id is still in the stream: replay the job's part
             # (up to the end, or to the feed's position: the queue holds what is later).
-            replayed: list[bytes] = []
+            replayed: list[Message] = []
             async with redis_errors():
                 async for event in self.feed.replay(after, top if ended else seen):
                     if event.job == job_id:
-                        replayed.append(await self._job_message(job_id, event.fields, event.id))
+                        replayed.append((event.id, await self._job_data(job_id, event.fields)))
             if ended and not replayed:
                 return None
             return Opening(sub, skip=top if ended else seen), replayed, ended
-        state = dict(record, event="state")
-        return Opening(sub, skip=top), [await self._job_message(job_id, state, top)], ended
+        state = await self._job_data(job_id, dict(record, event="state"))
+        return Opening(sub, skip=top), [(top, state)], ended
 
     async def _run_job(
-        self, job_id: str, opening: Opening, first: list[bytes], ended: bool
-    ) -> AsyncIterator[bytes]:
+        self, job_id: str, opening: Opening, first: list[Message], ended: bool
+    ) -> AsyncIterator[Message | None]:
+        """The job's messages (None: a keep-alive is due) until its final one."""
         try:
             for message in first:
                 yield message
@@ -171,23 +203,23 @@ class Streams:
                 return
             async for event in self._events(opening):
                 if event is None:
-                    yield keepalive()
+                    yield None
                     continue
-                yield await self._job_message(job_id, event.fields, event.id)
+                yield event.id, await self._job_data(job_id, event.fields)
                 if final(event.fields):
                     return
         finally:
             self.feed.unsubscribe(opening.sub)
 
-    async def _job_message(self, job_id: str, fields: dict[str, str], id: str) -> bytes:
-        """An SSE message of a job: its public fields; a final one says so and, once done,
+    async def _job_data(self, job_id: str, fields: dict[str, str]) -> dict[str, Any]:
+        """A job message's JSON: its public fields; a final one says so and, once done,
         carries the result as GET /v1/jobs/{id} gives it."""
         data = public({**fields, "type": "job", "job": job_id})
         if final(fields):
             data["final"] = True
             if fields.get("status") == JobStatus.DONE.value:
                 data["result"] = await self._result(job_id)
-        return sse(data, id=id)
+        return data
 
     async def _result(self, job_id: str) -> Any:
         """The job's result, waiting a moment for it to be stored; None if it never is."""
@@ -281,6 +313,12 @@ class Streams:
 
 
 _NO_BUFFERING = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+Message = tuple[str, dict[str, Any]]  #: a stream id and the JSON sent with it
+
+
+async def _as_sse(messages: AsyncIterator[Message | None]) -> AsyncIterator[bytes]:
+    async for message in messages:
+        yield keepalive() if message is None else sse(message[1], id=message[0])
 
 
 async def _once(chunk: bytes) -> AsyncIterator[bytes]:

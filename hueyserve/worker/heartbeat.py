@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 import redis
 
 from hueyserve.wire import (
@@ -17,6 +20,7 @@ from hueyserve.wire import (
     HEARTBEATS_KEY,
     LEAVE_SCRIPT,
     heartbeat_member,
+    worker_status_key,
 )
 from hueyserve.worker.outage import RedisOutage, unavailable
 
@@ -28,13 +32,25 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def beat(conn: redis.Redis, *, ttl_s: float, proof: str, events_max_len: int) -> None:
+def beat(
+    conn: redis.Redis,
+    *,
+    ttl_s: float,
+    proof: str,
+    events_max_len: int,
+    status: dict[str, Any] | None = None,
+) -> None:
     """Record this process as alive, with the proof of its secret (so the API can tell that
-    it shares it), and drop workers silent for longer than `ttl_s` (as `lost` events)."""
+    it shares it), and drop workers silent for longer than `ttl_s` (as `lost` events); its
+    `status` (running tasks, loaded models) lives as long as the beat."""
     now = time.time()
     member = heartbeat_member(worker_id(), proof)
     args: list[str | float] = [member, now, now - ttl_s, events_max_len]
-    conn.register_script(BEAT_SCRIPT)(keys=[HEARTBEATS_KEY, EVENTS_KEY], args=args)
+    with conn.pipeline(transaction=False) as pipe:
+        conn.register_script(BEAT_SCRIPT)(keys=[HEARTBEATS_KEY, EVENTS_KEY], args=args, client=pipe)
+        if status is not None:
+            pipe.set(worker_status_key(worker_id()), orjson.dumps(status), ex=math.ceil(ttl_s))
+        pipe.execute()
 
 
 class Heartbeat:
@@ -52,6 +68,7 @@ class Heartbeat:
         ttl_s: float,
         proof: str,
         events_max_len: int = 100_000,
+        status: Callable[[], dict[str, Any]] | None = None,
         on_beat: Callable[[], object] | None = None,
         outage: RedisOutage | None = None,
     ) -> None:
@@ -62,6 +79,7 @@ class Heartbeat:
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self.events_max_len = events_max_len
+        self.status = status
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -97,6 +115,7 @@ class Heartbeat:
                     ttl_s=self.ttl_s,
                     proof=self.proof,
                     events_max_len=self.events_max_len,
+                    status=None if self.status is None else self.status(),
                 )
                 self.outage.reached()
                 if self.on_beat is not None:

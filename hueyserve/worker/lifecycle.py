@@ -83,6 +83,11 @@ class JobLifecycle:
         self._abandoned: set[str] = set()  # tasks not started because Redis failed
 
     @property
+    def running(self) -> int:
+        """Tasks running now in this process."""
+        return len(self._started)
+
+    @property
     def storage(self) -> LeasingStorage:
         storage: LeasingStorage = self.huey.storage  # Huey may replace it (immediate mode)
         return storage

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 from huey import Huey
@@ -70,9 +72,11 @@ class WorkerProcess:
             ttl_s=settings.heartbeat_ttl_s,
             proof=secret_proof(settings.secret_value()),
             events_max_len=settings.events_max_len,
+            status=self.status,
             on_beat=self.after_heartbeat,
             outage=huey.storage.outage,
         )
+        self.started_at = time.time()
         self._published = threading.Event()  # this process has bootstrapped and published
         self._running_threads = 0  # the heartbeat outlives every worker thread but the last
         self._lock = threading.Lock()
@@ -97,6 +101,15 @@ class WorkerProcess:
             self.huey.storage.stop_renewing()
             self.heartbeat.stop()
             self._published.clear()
+
+    def status(self) -> dict[str, Any]:
+        """What the dashboard shows of this worker: set with each heartbeat."""
+        return {
+            "running": self.lifecycle.running,
+            "threads": self.settings.workers,
+            "models": self.registry.loaded(),
+            "started_at": self.started_at,
+        }
 
     def after_heartbeat(self) -> None:
         if not self._published.is_set():  # once per start (and after Redis came back)

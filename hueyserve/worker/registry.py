@@ -179,6 +179,17 @@ class ModelRegistry:
         with self._lock:
             self._pinned[(model.name, model.version)] = model
 
+    def loaded(self) -> list[str]:
+        """Every loaded version as "name:version" (for the heartbeat); [] while a load holds
+        the lock for long, rather than delay the beat."""
+        if not self._lock.acquire(timeout=0.2):
+            return []
+        try:
+            keys = {*self._active, *self._loaded.keys(), *self._pinned}
+        finally:
+            self._lock.release()
+        return sorted(f"{name}:{version}" for name, version in keys)
+
     def in_memory_names(self) -> set[str]:
         with self._lock:
             return {name for name, _ in self._pinned}
