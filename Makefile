@@ -9,7 +9,7 @@ USERS ?= 20
 SPAWN_RATE ?= 10
 DURATION ?= 30s
 
-.PHONY: install install-dev run test bench load lint clean
+.PHONY: install install-dev browser run test screenshot bench load lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,21 @@ install-dev: $(VENV)/.dev
 run: install
 	$(PY) -m hueyserve.dev.stack --host $(HOST) --port $(PORT)
 
-test: install-dev
+test: install-dev browser
 	$(PY) -m pytest
+
+# The dashboard's tests drive a real headless Chromium (Debian's package). Installed when
+# missing and running as root (CI); otherwise those tests are skipped and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the dashboard's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no chromium and not root: the browser tests will be skipped (apt-get install chromium)"; fi
+
+# The README's picture of the dashboard, taken by its browser test.
+screenshot: install-dev browser
+	UPDATE_SCREENSHOT=1 $(PY) -m pytest -q tests/test_dashboard.py -k administers
 
 bench: install-dev
 	$(PY) -m bench.run

@@ -591,6 +591,15 @@ async def stats(api: Api, request: Request) -> JSONResponse:
     return JSONResponse(await dashboard.stats(api, admin=is_admin(request.state)))
 
 
+@app.get(paths.SESSION, summary="Whether this server has keys, and what the caller may do")
+async def session_status(request: Request) -> JSONResponse:
+    """Open, so a page can tell before it asks for a key: `access` is what the request's key
+    or session cookie gives (null: none; with no keys configured, everything)."""
+    access = getattr(request.state, "caller", None)
+    keyed = bool(settings.keys("api") | settings.keys("admin"))
+    return JSONResponse({"keys": keyed, "access": access.value if access else None})
+
+
 @app.post(paths.SESSION, summary="A browser session cookie for the key in the header")
 async def start_session(request: Request) -> JSONResponse:
     """For pages: EventSource and WebSocket cannot send the key, so the cookie stands for

@@ -23,7 +23,7 @@ from tests.helpers import BIN, spawn, wait_for
 class FaultStack:
     """A Redis with an append-only file, consumers and an API, each killable."""
 
-    def __init__(self, tmp_path: Path, demo_models: Path) -> None:
+    def __init__(self, tmp_path: Path, demo_models: Path, **env: str) -> None:
         shutil.copytree(demo_models, tmp_path / "models")
         self.redis = EmbeddedRedis(port=free_port(), data_dir=tmp_path / "redis")
         self.redis.start()
@@ -33,6 +33,7 @@ class FaultStack:
             "HUEYSERVE_MODEL_DIR": str(tmp_path / "models"),
             "HUEYSERVE_LOG_DIR": str(tmp_path / "logs"),
             "HUEYSERVE_LEASE_S": "2",
+            **env,
         }
         self.consumers: list[subprocess.Popen[bytes]] = []
         self.port = free_port()

@@ -79,6 +79,8 @@ OPEN_PATHS = (V2_SERVER, LIVE, READY, HEALTH, METRICS, *DOCS, DASHBOARD, SESSION
 ADMIN_PATHS = (V1_TRAIN, V1_RELOAD, PURGE)
 #: Admin by method: imports, and deletes of models and versions (GETs need a predict key).
 ADMIN_METHODS = {"POST": (V1_VERSIONS,), "DELETE": (V1_MODEL, V1_VERSION)}
+#: Open by method: a page asks whether it needs a key (GET) before it has one.
+OPEN_METHODS = {"GET": (SESSION,)}
 UPLOADS = (V1_VERSIONS,)  #: bodies up to HUEYSERVE_MAX_ARTIFACT_BYTES (POST)
 
 
@@ -96,12 +98,14 @@ def alternatives(templates: tuple[str, ...]) -> re.Pattern[str]:
 OPEN = alternatives(OPEN_PATHS)
 ADMIN = alternatives(ADMIN_PATHS)
 ADMIN_BY_METHOD = {method: alternatives(t) for method, t in ADMIN_METHODS.items()}
+OPEN_BY_METHOD = {method: alternatives(t) for method, t in OPEN_METHODS.items()}
 UPLOAD = alternatives(UPLOADS)
 
 
 def access(path: str, method: str = "GET") -> Access:
     """Who may call `path` (the guard's rule): any path not open or admin needs a key."""
-    if OPEN.fullmatch(path):
+    open_by_method = OPEN_BY_METHOD.get(method)
+    if OPEN.fullmatch(path) or (open_by_method is not None and open_by_method.fullmatch(path)):
         return Access.OPEN
     by_method = ADMIN_BY_METHOD.get(method)
     if ADMIN.fullmatch(path) or (by_method is not None and by_method.fullmatch(path)):
