@@ -29,7 +29,7 @@ import core
 from hueyserve import metrics
 from hueyserve.api import dashboard, paths, sessions, v2
 from hueyserve.api.app import create_app
-from hueyserve.api.guard import is_admin, key_of, scoped
+from hueyserve.api.guard import is_admin, key_of, keys_on, scoped
 from hueyserve.api.imports import read_import
 from hueyserve.api.inference import Prediction
 from hueyserve.api.inputs import check_features
@@ -596,8 +596,9 @@ async def session_status(request: Request) -> JSONResponse:
     """Open, so a page can tell before it asks for a key: `access` is what the request's key
     or session cookie gives (null: none; with no keys configured, everything)."""
     access = getattr(request.state, "caller", None)
-    keyed = bool(settings.keys("api") | settings.keys("admin"))
-    return JSONResponse({"keys": keyed, "access": access.value if access else None})
+    return JSONResponse(
+        {"keys": keys_on(request.state), "access": access.value if access else None}
+    )
 
 
 @app.post(paths.SESSION, summary="A browser session cookie for the key in the header")
@@ -605,7 +606,7 @@ async def start_session(request: Request) -> JSONResponse:
     """For pages: EventSource and WebSocket cannot send the key, so the cookie stands for
     it (reads only) for HUEYSERVE_SESSION_TTL_S. Without keys configured, none is needed."""
     access = getattr(request.state, "caller", None) or Access.ADMIN
-    keyed = bool(settings.keys("api") | settings.keys("admin"))
+    keyed = keys_on(request.state)
     body = {"access": access.value, "keys": keyed, "expires_in": settings.session_ttl_s}
     response = JSONResponse(body)
     key = key_of(dict(request.scope["headers"]))

@@ -8,6 +8,9 @@ under them go through real processes (tests.stacks.FaultStack).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,13 +27,15 @@ from fastapi.testclient import TestClient
 from sklearn.base import clone
 from sklearn.datasets import load_diabetes
 from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 import main
 from hueyserve.sse import ServerEvent, events
 from hueyserve.wire import EVENTS_KEY
 from hueyserve.worker import progress
 from hueyserve.worker.progress import Progress
-from tests.helpers import FlakyModel, GateModel, poll_job, wait_for
+from tests.helpers import ROOT, FlakyModel, GateModel, poll_job, wait_for
 from tests.stacks import FaultStack
 
 ROW = [0.01] * 10
@@ -274,3 +279,49 @@ def test_a_restart_mid_stream_loses_no_event_and_repeats_none(
 
 def datas_of(follower: Follower) -> list[dict[str, Any]]:
     return [orjson.loads(e.data) for e in list(follower.received)]
+
+
+def test_the_websocket_twin_sends_the_same_json_and_checks_the_origin(stack: FaultStack) -> None:
+    ws_base = stack.base.replace("http://", "ws://")
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        body = {"estimator": "RandomForestRegressor", "params": {"n_estimators": 60}}
+        job_id = api.post("/v1/models/diabetes/train", json=body).json()["job_id"]
+        url = f"{ws_base}/v1/jobs/{job_id}/events"
+        with connect(url, origin=stack.base) as socket:  # a page of this server's own
+            messages = [orjson.loads(m) for m in socket]  # until it closes
+            assert socket.close_code == 1000
+        assert messages[0]["event"] == "state" and messages[-1]["final"] is True
+        assert messages[-1]["result"]["model_version"]
+        # The SSE stream resumed after the first message has exactly the rest, same JSON.
+        rest = read_stream(api, f"/v1/jobs/{job_id}/events", **{"Last-Event-ID": messages[0]["id"]})
+        assert [{"id": e.id, **orjson.loads(e.data)} for e in rest] == messages[1:]
+    with pytest.raises(InvalidStatus) as refused:  # another site's page: no socket
+        connect(url, origin="https://elsewhere.example").close()
+    assert refused.value.response.status_code == 403
+    with connect(f"{ws_base}/v1/jobs/no-such-job/events") as socket:
+        with pytest.raises(ConnectionClosed):
+            socket.recv(timeout=10)
+        assert socket.close_code == 4404
+
+
+def test_the_command_line_follows_a_training_to_its_end(stack: FaultStack) -> None:
+    params = '{"n_estimators": 80}'
+    command = [sys.executable, "-m", "hueyserve", "--url", stack.base, "train", "diabetes"]
+    done = subprocess.run(
+        [*command, "--estimator", "RandomForestRegressor", "--params", params],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["status"] == "done" and job["stage"] == "published" and job["model_version"] == "2"
+    lines = [line.split(": ", 1)[1] for line in done.stderr.splitlines() if ": " in line]
+    wanted = ["data loaded", "fitting", "scored", "saved", "loaded", "published", "done"]
+    assert lines == wanted, done.stderr
+    predicted = subprocess.run(
+        [sys.executable, "-m", "hueyserve", "--url", stack.base, "--quiet", "predict", "iris",
+         "[[5.1, 3.5, 1.4, 0.2]]"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["result"]["predictions"][0]["class"] == "setosa"
+    assert predicted.stderr == ""

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 import core
 import main
 from hueyserve import wire
+from hueyserve.api import sessions
+from hueyserve.api.paths import Access
 from hueyserve.api.schemas import EXAMPLE_ROWS
 from hueyserve.serializer import JsonSerializer
 from hueyserve.settings import settings
@@ -319,3 +322,31 @@ def test_each_api_key_has_its_own_idempotency_keys(keyed: TestClient) -> None:
     first = submit("p-key")
     assert submit("p-key") == first  # the same client's retry finds its job
     assert submit("a-key") != first  # another key's same idempotency key is its own
+
+
+def test_a_session_cookie_stands_for_its_key_for_reads_only(keyed: TestClient) -> None:
+    """Pages get a cookie for the key they hold (EventSource cannot send headers); it reads,
+    never changes anything, and says nothing of the key."""
+    assert keyed.get("/v1/session").json() == {"keys": True, "access": None}
+    assert keyed.post("/v1/session").status_code == 401  # a key is needed to get one
+    started = keyed.post("/v1/session", headers={"X-API-Key": "p-key"})
+    assert started.json()["access"] == "predict"
+    cookie = started.cookies[sessions.COOKIE]
+    assert "p-key" not in cookie and "httponly" in started.headers["set-cookie"].lower()
+    assert "samesite=strict" in started.headers["set-cookie"].lower()
+    assert keyed.cookies.get(sessions.COOKIE) == cookie  # the client keeps it, as a browser
+    assert keyed.get("/v1/session").json()["access"] == "predict"
+    assert keyed.get("/v1/models").status_code == 200
+    body = {"model": "diabetes", "instances": EXAMPLE_ROWS}
+    assert keyed.post("/v1/jobs", json=body).status_code == 401
+    keys = {Access.PREDICT: frozenset({"p-key"}), Access.ADMIN: frozenset({"a-key"})}
+    assert sessions.check(cookie, keys) is Access.PREDICT
+    assert sessions.check(cookie.replace("predict", "admin", 1), keys) is None  # claims more
+    assert sessions.check(cookie[:-1] + ("0" if cookie[-1] != "0" else "1"), keys) is None
+    assert sessions.check(cookie, {Access.PREDICT: frozenset({"another-key"})}) is None
+    assert sessions.check(sessions.mint("p-key", Access.PREDICT, ttl_s=-1), keys) is None
+    keyed.cookies.clear()
+    with pytest.raises(WebSocketDisconnect) as closed:  # a socket without key nor session
+        with keyed.websocket_connect("/v1/jobs/some-id/events"):
+            pass
+    assert closed.value.code == 1008

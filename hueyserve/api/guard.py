@@ -30,6 +30,11 @@ from hueyserve.errors import PayloadTooLarge, RequestTimeout, ServiceError
 
 CALLER = "caller"  #: request.state.caller: the Access the request's key gives, or None
 KEY_ID = "key_id"  #: request.state.key_id: a hash naming the request's API key (keys on)
+KEYS_ON = "keys_on"  #: request.state.keys_on: whether keys are configured
+
+
+def keys_on(state: object) -> bool:
+    return bool(getattr(state, KEYS_ON, False))
 
 
 def is_admin(state: object) -> bool:
@@ -84,6 +89,7 @@ class RequestGuard:
         # (an outer guard's word stands).
         state = scope.setdefault("state", {})
         state.setdefault(CALLER, caller)
+        state.setdefault(KEYS_ON, bool(self.predict_keys))
         if key is not None and caller is not None and b"idempotency-key" in headers:
             # Only idempotency keys use it, so only they pay for it (not every request).
             # Keyed with the secret: a Redis reader cannot test guesses of an API key.
