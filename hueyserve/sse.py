@@ -18,31 +18,45 @@ class ServerEvent:
     comments: list[str] = field(default_factory=list)
 
 
-def events(lines: Iterable[str]) -> Iterator[ServerEvent]:
-    """The events of a stream given line by line (without line ends). Yields an event for
-    each dispatch, and one with empty `data` for a block that only sets `id` or `retry`."""
-    last_id: str | None = None
-    current = ServerEvent()
-    data: list[str] = []
-    touched = False
-    for line in lines:
+class Parser:
+    """Fed line by line (without line ends); `feed` answers each event as its block ends,
+    with empty `data` for a block that only sets `id` or `retry`."""
+
+    def __init__(self) -> None:
+        self.last_id: str | None = None
+        self._current = ServerEvent()
+        self._data: list[str] = []
+        self._touched = False
+
+    def feed(self, line: str) -> ServerEvent | None:
         if line == "":
-            if touched:
-                current.data, current.id = "\n".join(data), last_id
-                yield current
-            current, data, touched = ServerEvent(), [], False
-            continue
+            done = None
+            if self._touched:
+                done = self._current
+                done.data, done.id = "\n".join(self._data), self.last_id
+            self._current, self._data, self._touched = ServerEvent(), [], False
+            return done
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if name == "":
-            current.comments.append(value)
-            continue
-        touched = True
+            self._current.comments.append(value)
+            return None
+        self._touched = True
         if name == "data":
-            data.append(value)
+            self._data.append(value)
         elif name == "event":
-            current.event = value
+            self._current.event = value
         elif name == "id" and "\0" not in value:
-            last_id = value
+            self.last_id = value
         elif name == "retry" and value.isdigit():
-            current.retry_ms = int(value)
+            self._current.retry_ms = int(value)
+        return None
+
+
+def events(lines: Iterable[str]) -> Iterator[ServerEvent]:
+    """The events of a stream given line by line."""
+    parser = Parser()
+    for line in lines:
+        event = parser.feed(line)
+        if event is not None:
+            yield event

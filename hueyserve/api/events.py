@@ -22,6 +22,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from hueyserve.jobs import ENDED
 from hueyserve.wire import EVENTS_KEY
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,52 @@ def valid_id(raw: str) -> bool:
     """Whether a client's Last-Event-ID is a stream id at all."""
     ms, _, seq = raw.partition("-")
     return ms.isdigit() and (seq == "" or seq.isdigit()) and len(raw) <= 41
+
+
+ENDED_STATUSES = {status.value for status in ENDED}
+#: Stream field -> the name a client sees (as GET /v1/jobs/{id} names it) and its type.
+_PUBLIC: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "job": ("job_id", str),
+    "id": ("job_id", str),
+    "event": ("event", str),
+    "status": ("status", str),
+    "kind": ("kind", str),
+    "model": ("model_name", str),
+    "version": ("model_version", str),
+    "priority": ("priority", int),
+    "worker": ("worker", str),
+    "error": ("error", str),
+    "stage": ("stage", str),
+    "progress": ("progress", float),
+    "at": ("at", float),
+    "queued_s": ("queued_s", float),
+    "run_s": ("run_s", float),
+    "attempts": ("attempts", int),
+    "instances": ("instances", int),
+    "created_at": ("created_at", float),
+    "started_at": ("started_at", float),
+    "finished_at": ("finished_at", float),
+    "active": ("active", str),
+}
+
+
+def public(fields: dict[str, str]) -> dict[str, Any]:
+    """A stream entry or a job record as the JSON clients get (unknown fields left out)."""
+    out: dict[str, Any] = {"type": fields.get("type", "job")}
+    for name, raw in fields.items():
+        known = _PUBLIC.get(name)
+        if known is None:
+            continue
+        try:
+            out[known[0]] = known[1](raw)
+        except ValueError:  # altered in Redis: leave it out rather than fail the stream
+            continue
+    return out
+
+
+def final(fields: dict[str, str]) -> bool:
+    """Whether a job event is its last: the job has ended (progress events never end one)."""
+    return fields.get("status") in ENDED_STATUSES and fields.get("event") != "progress"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,55 +24,25 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from hueyserve.api.events import Event, EventFeed, Subscription, id_key, valid_id
+from hueyserve.api.events import (
+    ENDED_STATUSES,
+    Event,
+    EventFeed,
+    Subscription,
+    final,
+    id_key,
+    public,
+    valid_id,
+)
 from hueyserve.api.jobs import JobService
 from hueyserve.api.queue import redis_errors
 from hueyserve.errors import JobNotFound, RedisUnavailable, ServiceError
-from hueyserve.jobs import ENDED, JobStatus
+from hueyserve.jobs import JobStatus
 from hueyserve.wire import EVENTS_KEY, job_key
 
 RETRY_MS = 2000  #: how soon a client should come back after a stream ended on a failure
 MAX_STREAM_S = 600.0  #: a stream ends (its client resumes) after this long: none is held forever
 RESULT_WAIT_S = 2.0  #: a `done` event may beat its stored result by a moment: wait this long
-_ENDED = {status.value for status in ENDED}
-#: Stream field -> the name a client sees (as GET /v1/jobs/{id} names it) and its type.
-_PUBLIC: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "job": ("job_id", str),
-    "id": ("job_id", str),
-    "event": ("event", str),
-    "status": ("status", str),
-    "kind": ("kind", str),
-    "model": ("model_name", str),
-    "version": ("model_version", str),
-    "priority": ("priority", int),
-    "worker": ("worker", str),
-    "error": ("error", str),
-    "stage": ("stage", str),
-    "progress": ("progress", float),
-    "at": ("at", float),
-    "queued_s": ("queued_s", float),
-    "run_s": ("run_s", float),
-    "attempts": ("attempts", int),
-    "instances": ("instances", int),
-    "created_at": ("created_at", float),
-    "started_at": ("started_at", float),
-    "finished_at": ("finished_at", float),
-    "active": ("active", str),
-}
-
-
-def public(fields: dict[str, str]) -> dict[str, Any]:
-    """A stream entry or a job record as the JSON clients get (unknown fields left out)."""
-    out: dict[str, Any] = {"type": fields.get("type", "job")}
-    for name, raw in fields.items():
-        known = _PUBLIC.get(name)
-        if known is None:
-            continue
-        try:
-            out[known[0]] = known[1](raw)
-        except ValueError:  # altered in Redis: leave it out rather than fail the stream
-            continue
-    return out
 
 
 def sse(data: dict[str, Any] | None, *, event: str | None = None, id: str | None = None) -> bytes:
@@ -97,11 +67,6 @@ class Opening:
 
     sub: Subscription
     skip: str
-
-
-def final(fields: dict[str, str]) -> bool:
-    """Whether a job event is its last: the job has ended (progress events never end one)."""
-    return fields.get("status") in _ENDED and fields.get("event") != "progress"
 
 
 class Streams:
@@ -176,7 +141,7 @@ class Streams:
         if not record:
             raise JobNotFound(job_id)
         top = newest[0][0].decode() if newest else seen
-        ended = record.get("status") in _ENDED
+        ended = record.get("status") in ENDED_STATUSES
         after = last_event_id if last_event_id is not None and valid_id(last_event_id) else None
         if after is not None and oldest and id_key(after) >= id_key(oldest[0][0].decode()):
             # Everything after the client's id is still in the stream: replay the job's part

@@ -1,22 +1,19 @@
 """Fitting in a worker: train a planned version, describe it, save it; the demo models; one
 training at a time across every worker.
 
-Fitting runs in a spawned child process at a lower CPU priority (`train_in_child`), so a
+Fitting runs in a spawned child process at a lower CPU priority (hueyserve.worker.child), so a
 long fit cannot slow the predictions its worker serves.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime as dt
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +34,7 @@ from hueyserve.models import label_datatype
 from hueyserve.training import DEMOS, TrainingError, TrainPlan, build_estimator
 from hueyserve.wire import TRAINING_LOCK_KEY
 from hueyserve.worker import progress
+from hueyserve.worker.child import train_in_child
 from hueyserve.worker.progress import Progress
 from hueyserve.worker.publishing import entries
 from hueyserve.worker.store import STAGING_DIR, ModelStore, write_estimator
@@ -164,53 +162,6 @@ def train_to_folder(
         report("saved")
     logger.info("trained %s on %s: %s", plan.estimator, plan.dataset, metadata["metrics"])
     return str(folder)
-
-
-def train_in_child(
-    store: ModelStore,
-    plan: TrainPlan,
-    data_dir: Path,
-    *,
-    niceness: int,
-    timeout_s: float,
-    owner: Owner | None = None,
-    report: Progress | None = None,
-) -> str:
-    """`train_to_folder` in a fresh process at a lower CPU priority, stopped after `timeout_s`.
-    Fitting and saving hold the GIL for long stretches; in a child they cannot slow the
-    predictions this worker process serves, and the OS gives predictions the cores first.
-    The child dies with this worker thread (a killed consumer leaves no fit running)."""
-    if multiprocessing.current_process().daemon:
-        # `huey_consumer -k process`: a daemon may not start children, and this worker is a
-        # process of its own anyway, so no other worker shares its GIL.
-        return train_to_folder(store, plan, data_dir, owner, report)
-    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded process
-    with context.Pool(1, initializer=_start_child, initargs=(niceness, os.getpid())) as child:
-        pending = child.apply_async(train_to_folder, (store, plan, data_dir, owner, report))
-        try:
-            return str(pending.get(timeout_s))
-        except multiprocessing.TimeoutError:
-            raise TrainingError(
-                f"training took longer than {timeout_s:g}s (HUEYSERVE_TRAIN_TIMEOUT_S) and was "
-                "stopped; train a smaller model or raise the limit"
-            ) from None
-
-
-PR_SET_PDEATHSIG = 1  #: prctl(2): the signal this process gets when its parent thread ends
-
-
-def _start_child(niceness: int, parent: int) -> None:
-    """In the training child: a lower CPU priority, and death with its parent (Linux)."""
-    os.nice(niceness)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            logger.warning("prctl failed (errno %s): this training may outlive its worker",
-                           ctypes.get_errno())  # fmt: skip
-    except (OSError, AttributeError):  # not Linux: the time limit bounds it while the parent lives
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def ensure_demo_models(store: ModelStore, data_dir: Path) -> None:

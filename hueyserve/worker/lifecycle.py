@@ -27,6 +27,9 @@ requests (`wire.members`); every job gets its own record, result and wake-up.
 (5) if the records cannot be written (Redis failed), the task is not run and its lease is
     kept, to lapse and be reaped (Huey itself would log the hook's error and run the task).
 
+The module is over 300 lines on purpose: every hook the job states depend on, in one class
+that the table above describes.
+
 "May go" means the lease is given back when the thread takes its next task, once Huey has
 recorded the end (hueyserve.worker.leases); if recording failed, the lease lapses instead
 and the reaper queues the task again.
