@@ -173,5 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         body = run(args)
     except httpx.HTTPError as exc:
         raise SystemExit(f"hueyserve: cannot reach {args.url}: {exc}") from None
-    json.dump(body, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    try:
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # none again at exit
