@@ -3,8 +3,8 @@
 Every Redis key and channel, the byte layout of a queue entry, the arguments of the predict
 task, the message that wakes a waiting API process, and every Lua script live here, so a
 change to the contract is a change to this one module. API modules (hueyserve.api) and worker
-modules (hueyserve.worker) both import it; neither imports the other. The module is over 300
-lines on purpose: the whole contract, every key and every script, is read in one place.
+modules (hueyserve.worker) both import it; neither imports the other.
+The module is over 300 lines on purpose: the whole contract is read in one place.
 
 | Redis key or channel                 | type    | written by            | read by               |
 |--------------------------------------|---------|-----------------------|-----------------------|

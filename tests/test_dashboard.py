@@ -156,8 +156,13 @@ def test_a_predict_key_sees_everything_and_changes_nothing(
     assert tab.text("#access") == "read-only"
     with api(keyed_stack, READER) as client:
         job_id = client.post("/v1/jobs", json={"model": "iris", "instances": [[1, 2, 3, 4]]})
-        row = f"tr[data-job='{job_id.json()['job_id']}']"
-        tab.page.wait_for_selector(f"{row} .status-done", timeout=30_000)
+        found = job_id.json()["job_id"]
+        tab.page.wait_for_selector(f"tr[data-job='{found}'] .status-done", timeout=30_000)
+    # A job found by id: the whole record, as GET /v1/jobs/{id} gives it.
+    tab.page.fill("#job-id", found)
+    tab.page.click("#find button")
+    tab.page.wait_for_function("document.getElementById('job').textContent.includes('predictions')")
+    assert '"status": "done"' in tab.text("#job")
     for admin_only in ("#purge", "tr[data-model='iris'] select", "tr[data-model='iris'] button"):
         assert not tab.page.is_visible(admin_only), admin_only
     # Workers' hosts are for operators, as on /health.

@@ -9,11 +9,11 @@ under them go through real processes (tests.stacks.FaultStack).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import main
+from hueyserve.api.activity import Activity
+from hueyserve.api.events import Event
 from hueyserve.sse import ServerEvent, events
 from hueyserve.wire import EVENTS_KEY
 from hueyserve.worker import progress
@@ -101,6 +103,8 @@ def test_every_state_change_is_an_event_written_with_its_record(
         retried = submit(client, model="flaky", instances=[[3.0]])
         poll_job(client, ran)
         poll_job(client, retried, timeout_s=20)
+        # The split of each job's latency, as Prometheus histograms (workers in this process).
+        scraped = client.get("/metrics").text
     first = job_events(redis_conn, ran)
     assert [e["event"] for e in first] == ["queued", "running", "done"]
     assert [e["status"] for e in first] == ["queued", "running", "done"]
@@ -110,6 +114,9 @@ def test_every_state_change_is_an_event_written_with_its_record(
     again = [e["event"] for e in job_events(redis_conn, retried)]
     assert again == ["queued", "running", "retrying", "running", "done"], again
     assert "flaky failure 1" in job_events(redis_conn, retried)[2]["error"]
+    for histogram in ("hueyserve_job_queue_seconds", "hueyserve_job_run_seconds"):
+        counted = re.search(rf'{histogram}_count{{kind="predict"}} (\S+)', scraped)
+        assert counted is not None and float(counted.group(1)) >= 3, histogram
 
 
 def job_events(conn: redis.Redis, job_id: str) -> list[dict[str, str]]:
@@ -270,10 +277,20 @@ def test_a_restart_mid_stream_loses_no_event_and_repeats_none(
         assert everything.connections >= 2, "the restart should have ended the first stream"
     ids = [e.id for e in everything.received]
     assert len(ids) == len(set(ids)), "an event arrived twice"
-    per_job = Counter(
-        d["job_id"] for d in datas_of(everything) if d["type"] == "job" and d["job_id"] in jobs
-    )
-    assert set(per_job.values()) == {3}, per_job  # queued, running, done: each exactly once
+    # Exactly the stream's events of these jobs, in order: a restart may add real changes (a
+    # job retried after Redis went away under it), never a gap or a repeat.
+    received: dict[str, list[str]] = {job: [] for job in jobs}
+    for event in everything.received:
+        job = orjson.loads(event.data).get("job_id")
+        if job in received:
+            received[job].append(str(event.id))
+    written: dict[str, list[str]] = {job: [] for job in jobs}
+    for raw_id, raw in stack.conn().xrange(EVENTS_KEY):
+        job = raw.get(b"job", b"").decode()
+        if job in written:
+            written[job].append(raw_id.decode())
+    assert received == written
+    assert all(len(events) >= 3 for events in written.values())  # queued, running, done
     print(f"\n{restart} restarted: {len(ids)} events over {everything.connections} connections")
 
 
@@ -325,3 +342,49 @@ def test_the_command_line_follows_a_training_to_its_end(stack: FaultStack) -> No
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)["result"]["predictions"][0]["class"] == "setosa"
     assert predicted.stderr == ""
+
+
+def test_a_resume_from_a_trimmed_id_gets_a_reset_then_the_live_events(stack: FaultStack) -> None:
+    with httpx.Client(base_url=stack.base, timeout=30) as api:
+        submit(api)  # the stream has entries; "1-0" is older than the oldest
+        timeout = httpx.Timeout(10.0, read=20.0)
+        with api.stream(
+            "GET", "/v1/events", headers={"Last-Event-ID": "1-0"}, timeout=timeout
+        ) as r:
+            assert r.status_code == 200
+            got = events(r.iter_lines())
+            reset = next(e for e in got if e.data)
+            assert reset.event == "reset" and "trimmed" in orjson.loads(reset.data)["reason"]
+            job_id = submit(api)  # and then it goes on, live
+            for event in got:
+                if event.data and orjson.loads(event.data).get("job_id") == job_id:
+                    break
+
+
+def test_the_activity_window_gives_percentiles_and_rates() -> None:
+    """The dashboard's numbers from a known set of events: 100 jobs done with queue waits
+    of 1..100 ms and run times of 10..1000 ms, 5 failed, 10 retried."""
+    window = Activity()
+    now_ms = int(time.time() * 1000)
+
+    def event(n: int, **fields: str) -> Event:
+        return Event(f"{now_ms - 1000 + n}-0", {"type": "job", "job": f"j{n}", **fields})
+
+    for n in range(1, 101):
+        window.observe(event(n, event="queued", status="queued"))
+        done = {"event": "done", "status": "done", "queued_s": str(n / 1000), "run_s": str(n / 100)}
+        window.observe(event(n, **done))
+    for n in range(101, 106):
+        window.observe(event(n, event="failed", status="failed", queued_s="0", run_s="0"))
+    for n in range(106, 116):
+        window.observe(event(n, event="retrying", status="queued"))
+    summary = window.summary()
+    assert summary["counts"]["done"] == 100 and summary["counts"]["failed"] == 5
+    wait, run = summary["latency_s"]["queue_wait"], summary["latency_s"]["run"]
+    assert wait["samples"] == run["samples"] == 105
+    assert wait["p50"] == pytest.approx(np.percentile([*range(1, 101), 0, 0, 0, 0, 0], 50) / 1000)
+    assert run["p99"] == pytest.approx(np.percentile([*range(1, 101), 0, 0, 0, 0, 0], 99) / 100)
+    assert summary["error_rate"] == pytest.approx(5 / 105, abs=1e-4)
+    assert summary["retry_rate"] == pytest.approx(10 / 105, abs=1e-4)
+    assert summary["throughput_per_s"] == pytest.approx(100 / summary["window_s"], abs=1e-3)
+    assert summary["recent_jobs"][0]["job_id"] == "j115" and len(summary["recent_jobs"]) == 50
