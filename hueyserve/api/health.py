@@ -98,23 +98,22 @@ class HealthService:
             })  # fmt: skip
         return details
 
-    async def depth_by_priority(self) -> dict[int, int]:
-        """Waiting tasks by priority (those with any, and the configured defaults)."""
-        configured = {
+    def _configured_priorities(self) -> set[int]:
+        return {
             self.settings.sync_priority,
             self.settings.async_priority,
             self.settings.train_priority,
         }
+
+    async def depth_by_priority(self) -> dict[int, int]:
+        """Waiting tasks by priority (those with any, and the configured defaults)."""
+        configured = self._configured_priorities()
         depth = await self.redis.depth_by_priority({*PRIORITY_LEVELS, *configured})
         return {priority: depth.get(priority, 0) for priority in sorted({*configured, *depth})}
 
     async def update_queue_depth(self) -> None:
         """Set the queue-depth gauge from Redis, a priority level at a time."""
-        configured = {
-            self.settings.sync_priority,
-            self.settings.async_priority,
-            self.settings.train_priority,
-        }
+        configured = self._configured_priorities()
         depth = await self.redis.depth_by_priority({*PRIORITY_LEVELS, *configured})
         # The default priorities always have a series (0 while empty), so a dashboard plots
         # an empty queue; others once they were seen, then 0 once drained.
