@@ -27,7 +27,7 @@ from starlette.types import Scope
 
 import core
 from hueyserve import metrics
-from hueyserve.api import dashboard, paths, sessions, v2
+from hueyserve.api import dashboard, paths, sessions, sockets, v2
 from hueyserve.api.app import create_app
 from hueyserve.api.guard import is_admin, key_of, keys_on, scoped
 from hueyserve.api.imports import read_import
@@ -456,7 +456,7 @@ async def job_events_socket(socket: WebSocket, job_id: str) -> None:
     services: Services = socket.app.state.services
     await socket.accept()
     last_event_id = socket.query_params.get("last_event_id")
-    await services.streams.job_socket(socket, job_id[:200], last_event_id)
+    await sockets.job_socket(services.streams, socket, job_id[:200], last_event_id)
 
 
 @app.delete(
@@ -611,7 +611,8 @@ async def start_session(request: Request) -> JSONResponse:
     response = JSONResponse(body)
     key = key_of(dict(request.scope["headers"]))
     if keyed and key:
-        token = sessions.mint(key, access, settings.session_ttl_s)
+        salt = (settings.secret_value() or "").encode()  # as the guard's key_salt
+        token = sessions.mint(key, access, settings.session_ttl_s, salt)
         response.set_cookie(
             sessions.COOKIE, token, max_age=settings.session_ttl_s, httponly=True,
             samesite="strict", secure=request.url.scheme == "https", path="/",

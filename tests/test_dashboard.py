@@ -110,8 +110,12 @@ def test_the_dashboard_is_live_agrees_with_health_and_metrics_and_administers(
         for name, active in health["models"].items():
             assert tab.text(f"tr[data-model='{name}'] .active") == active
         assert health["models"]["diabetes"] == "2"
-        worker_row = tab.text("#workers tr")
-        assert "diabetes:2" in worker_row and "iris:1" in worker_row  # models it holds
+        # The models it holds, as its next heartbeat tells and the next refresh shows.
+        tab.page.wait_for_function(
+            "['diabetes:2', 'iris:1'].every((m) => "
+            "document.getElementById('workers').textContent.includes(m))",
+            timeout=20_000,
+        )
 
         # Admin: pin version 1, and see it active everywhere.
         tab.page.select_option("tr[data-model='diabetes'] select", "1")

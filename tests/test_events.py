@@ -43,7 +43,9 @@ from tests.stacks import FaultStack
 ROW = [0.01] * 10
 
 
-def read_stream(client: TestClient | httpx.Client, url: str, **headers: str) -> list[ServerEvent]:
+def read_stream(
+    client: TestClient | httpx.Client, url: str, **headers: str | bytes
+) -> list[ServerEvent]:
     """A finite stream's events (those with data)."""
     with client.stream("GET", url, headers=headers) as response:
         assert response.status_code == 200, response.read()
@@ -72,6 +74,10 @@ def test_a_finished_job_answers_its_state_then_204_once_seen(client: TestClient)
     # EventSource reconnects with the id it saw: 204 tells it to stop for good.
     again = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": only.id})
     assert again.status_code == 204 and again.content == b""
+    # An id that is no stream id (not ASCII digits, past 64 bits) is taken as none.
+    for odd in ("1\u00b2-0".encode("latin-1"), f"{2**64}-0".encode(), b"x"):
+        (state_again,) = read_stream(client, f"/v1/jobs/{job_id}/events", **{"Last-Event-ID": odd})
+        assert orjson.loads(state_again.data)["event"] == "state"
 
 
 def test_unknown_jobs_are_404_and_keys_are_checked_before_the_stream(keyed: TestClient) -> None:

@@ -139,10 +139,17 @@ def test_jobs_accepted_while_redis_refuses_writes_are_all_done_once_it_accepts_t
     calls and submissions going on. Submissions then get a 503 (not accepted, so not lost);
     every job accepted ends done once Redis accepts writes again. The consumer says so once."""
     console = tmp_path / "consumer.log"
-    faults.add_consumer(console)
+    consumer = faults.add_consumer(console)
     wait_for(faults.ready, "the stack to be ready", timeout_s=60)
     conn = faults.conn()
-    job_ids = asyncio.run(submit_all(faults.base, rows(600, seed=11)))
+    # The jobs wait for the consumer (paused while they are submitted: on a quiet machine it
+    # would otherwise finish them all before the refusal), which is at work when it begins.
+    os.kill(consumer.pid, signal.SIGSTOP)
+    try:
+        job_ids = asyncio.run(submit_all(faults.base, rows(600, seed=11)))
+    finally:
+        os.kill(consumer.pid, signal.SIGCONT)
+    time.sleep(0.1)
     load = Load(faults.base)
     refused_submissions = accepted_during = 0
     try:

@@ -346,6 +346,8 @@ def test_a_session_cookie_stands_for_its_key_for_reads_only(keyed: TestClient) -
     assert sessions.check(cookie, {Access.PREDICT: frozenset({"another-key"})}) is None
     assert sessions.check(sessions.mint("p-key", Access.PREDICT, ttl_s=-1), keys) is None
     keyed.cookies.clear()
+    odd = b"hueyserve_session=predict.\xb2.x.sig"  # not a number: no access, and no 500
+    assert keyed.get("/v1/models", headers={"Cookie": odd}).status_code == 401
     with pytest.raises(WebSocketDisconnect) as closed:  # a socket without key nor session
         with keyed.websocket_connect("/v1/jobs/some-id/events"):
             pass

@@ -49,9 +49,14 @@ def id_key(event_id: str) -> tuple[int, int]:
 
 
 def valid_id(raw: str) -> bool:
-    """Whether a client's Last-Event-ID is a stream id at all."""
+    """Whether a client's Last-Event-ID is a stream id at all (two 64-bit numbers); any
+    other value is taken as no id."""
     ms, _, seq = raw.partition("-")
-    return ms.isdigit() and (seq == "" or seq.isdigit()) and len(raw) <= 41
+    return _u64(ms) and (seq == "" or _u64(seq))
+
+
+def _u64(text: str) -> bool:
+    return text.isascii() and text.isdigit() and int(text) < 2**64
 
 
 ENDED_STATUSES = {status.value for status in ENDED}
@@ -116,11 +121,13 @@ class Event:
         return self.fields.get("job")
 
 
-def _event(raw_id: bytes | str, raw: dict[Any, Any]) -> Event:
-    def text(value: bytes | str) -> str:
-        return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str) -> str:
+    """Entries are UTF-8; one written by hand may not be: it is read, not refused."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
-    return Event(text(raw_id), {text(k): text(v) for k, v in raw.items()})
+
+def _event(raw_id: bytes | str, raw: dict[Any, Any]) -> Event:
+    return Event(_text(raw_id), {_text(k): _text(v) for k, v in raw.items()})
 
 
 @dataclass(eq=False)
@@ -226,12 +233,24 @@ class EventFeed:
                 continue
             for _, entries in answer or ():
                 for raw_id, raw in entries:
-                    self.dispatch(_event(raw_id, raw))
+                    self._dispatch_safely(raw_id, raw)
+
+    def _dispatch_safely(self, raw_id: Any, raw: Any) -> None:
+        """An entry written by hand (not UTF-8, a field that does not parse) is skipped and
+        logged; it never stops the reader, or every stream would go quiet."""
+        try:
+            self.dispatch(_event(raw_id, raw))
+        except Exception:
+            logger.exception("event stream: entry %r skipped", raw_id)
+            self.last_id = _text(raw_id)
 
     def dispatch(self, event: Event) -> None:
         self.last_id = event.id
         for listener in self.listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # a bad entry must not stop the clients' events
+                logger.warning("event %s: not counted (%r)", event.id, event.fields)
         wanting = list(self._all)
         if event.job is not None:
             wanting += self._by_job.get(event.job, ())

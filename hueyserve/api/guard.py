@@ -70,7 +70,7 @@ class RequestGuard:
         self.max_upload_bytes = max(max_upload_bytes, max_body_bytes)  #: model imports
         self.body_timeout_s = body_timeout_s
         self.key_salt = (key_salt or "").encode()  #: HUEYSERVE_SECRET, for key ids
-        self.allowed_origins = allowed_origins
+        self.allowed_origins = frozenset(origin.lower() for origin in allowed_origins)
         self.by_access = {Access.PREDICT: self.predict_keys, Access.ADMIN: admin_keys}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,14 +170,14 @@ class RequestGuard:
         origin = headers.get(b"origin")
         if origin is None:
             return True
-        text = origin.decode("latin-1")
-        host = headers.get(b"host", b"").decode("latin-1")
+        text = origin.decode("latin-1").lower()
+        host = headers.get(b"host", b"").decode("latin-1").lower()
         return urlsplit(text).netloc == host or text in self.allowed_origins
 
     def _session(self, headers: dict[bytes, bytes]) -> Access | None:
         """The access a valid session cookie gives (for reads), when keys are configured."""
         token = sessions.cookie_of(headers) if self.predict_keys else None
-        return None if token is None else sessions.check(token, self.by_access)
+        return None if token is None else sessions.check(token, self.by_access, self.key_salt)
 
     def _caller(self, key: str | None) -> Access | None:
         """The access the request's key gives (all of it when no keys are configured)."""

@@ -1,4 +1,4 @@
-"""Server-sent events and their WebSocket twin: a job's events until it ends, and the whole
+"""Server-sent events: a job's events until it ends, and the whole
 deployment's, resumable by the stream ids (`Last-Event-ID`).
 
 Everything that can refuse a stream (unknown job: 404; a job whose end the client has seen:
@@ -6,7 +6,7 @@ Everything that can refuse a stream (unknown job: 404; a job whose end the clien
 is always 200: a failure (Redis down, a client too slow to keep up, the server stopping) ends
 the stream with a `retry:` hint, and the client resumes from its last id without a gap or a
 duplicate. The order of a stream's start (subscribe, note the feed's position, then read
-Redis) is what makes that true: see `Opening`.
+Redis) is what makes that true: see `Opening`. The WebSocket twin is hueyserve.api.sockets.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,6 @@ import orjson
 import redis
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.responses import Response
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from hueyserve.api.events import (
     ENDED_STATUSES,
@@ -36,7 +36,7 @@ from hueyserve.api.events import (
 )
 from hueyserve.api.jobs import JobService
 from hueyserve.api.queue import redis_errors
-from hueyserve.errors import JobNotFound, RedisUnavailable, ServiceError
+from hueyserve.errors import JobNotFound, RedisUnavailable
 from hueyserve.jobs import JobStatus
 from hueyserve.wire import EVENTS_KEY, job_key
 
@@ -53,6 +53,11 @@ def sse(data: dict[str, Any] | None, *, event: str | None = None, id: str | None
 def retry_later() -> bytes:
     why = "the stream ends here; come back with Last-Event-ID"
     return format_sse_event(retry=RETRY_MS, comment=why)
+
+
+def later(a: str, b: str) -> str:
+    """The later of two stream ids."""
+    return max(a, b, key=id_key)
 
 
 def keepalive() -> bytes:
@@ -84,7 +89,7 @@ class Streams:
         """GET /v1/jobs/{id}/events: 404, 204 or a stream (see the module's docstring)."""
         sub = self.feed.subscribe(job_id)
         try:
-            opening = await self._open_job(sub, job_id, last_event_id)
+            opening = await self.open_job(sub, job_id, last_event_id)
         except RedisUnavailable:
             self.feed.unsubscribe(sub)
             return self._retry_response()
@@ -94,39 +99,9 @@ class Streams:
         if opening is None:
             self.feed.unsubscribe(sub)
             return Response(status_code=204)
-        return self._response(_as_sse(self._run_job(job_id, *opening)))
+        return self._response(_as_sse(self.run_job(job_id, *opening)), sub)
 
-    async def job_socket(self, socket: WebSocket, job_id: str, last_event_id: str | None) -> None:
-        """The WebSocket twin of `job`: the same JSON (with its `id`), one message each; the
-        socket closes after the final one (1000), at once for a job whose end the client saw,
-        with 4404 for an unknown job and 1013 (try again later) when Redis is down."""
-        sub = self.feed.subscribe(job_id)
-        try:
-            opening = await self._open_job(sub, job_id, last_event_id)
-        except ServiceError as exc:
-            self.feed.unsubscribe(sub)
-            code = 4404 if isinstance(exc, JobNotFound) else 1013
-            await socket.close(code=code, reason=exc.message[:120])
-            return
-        except BaseException:
-            self.feed.unsubscribe(sub)
-            raise
-        if opening is None:
-            self.feed.unsubscribe(sub)
-            await socket.close(code=1000)
-            return
-        self.open_streams += 1
-        try:
-            async for message in self._run_job(job_id, *opening):
-                if message is not None:
-                    await socket.send_bytes(orjson.dumps({"id": message[0], **message[1]}))
-            await socket.close(code=1000)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            self.open_streams -= 1
-
-    async def _open_job(
+    async def open_job(
         self, sub: Subscription, job_id: str, last_event_id: str | None
     ) -> tuple[Opening, list[Message], bool] | None:
         """The job's opening, what it sends first and whether that includes the end; None
@@ -153,11 +128,13 @@ class Streams:
                         replayed.append((event.id, await self._job_data(job_id, event.fields)))
             if ended and not replayed:
                 return None
-            return Opening(sub, skip=top if ended else seen), replayed, ended
+            # A client may be ahead of this process's feed (it read another API process, or
+            # this one's snapshot): what it has seen is never sent again.
+            return Opening(sub, skip=later(top if ended else seen, after)), replayed, ended
         state = await self._job_data(job_id, dict(record, event="state"))
         return Opening(sub, skip=top), [(top, state)], ended
 
-    async def _run_job(
+    async def run_job(
         self, job_id: str, opening: Opening, first: list[Message], ended: bool
     ) -> AsyncIterator[Message | None]:
         """The job's messages (None: a keep-alive is due) until its final one."""
@@ -201,34 +178,43 @@ class Streams:
 
     async def everything(self, last_event_id: str | None) -> Response:
         """GET /v1/events: every event after the client's id (or from now on)."""
+        after = last_event_id if last_event_id is not None and valid_id(last_event_id) else None
         sub = self.feed.subscribe(None)
         try:
             seen = await self._position()
-            first = await self._replay_all(last_event_id, seen)
+            async with redis_errors():
+                oldest = await self.feed.oldest_id() if after is not None else None
         except BaseException as exc:
             self.feed.unsubscribe(sub)
             if isinstance(exc, RedisUnavailable):
                 return self._retry_response()
             raise
-        return self._response(self._run_all(Opening(sub, skip=seen), first))
-
-    async def _replay_all(self, last_event_id: str | None, seen: str) -> list[bytes]:
-        if last_event_id is None or not valid_id(last_event_id):
+        if after is None:
             # Nothing to replay; the id alone (no data) tells the client where it stands.
-            return [format_sse_event(id=seen)]
-        async with redis_errors():
-            oldest = await self.feed.oldest_id()
-            if oldest is None or id_key(last_event_id) < id_key(oldest):
-                why = "the events after the id given were trimmed away: read the state again"
-                return [sse({"type": "reset", "reason": why}, event="reset", id=seen)]
-            return [self._message(event) async for event in self.feed.replay(last_event_id, seen)]
+            first = format_sse_event(id=seen)
+        elif oldest is None or id_key(after) < id_key(oldest):
+            why = "the events after the id given were trimmed away: read the state again"
+            first, after = sse({"type": "reset", "reason": why}, event="reset", id=seen), None
+        else:
+            first = b""
+        opening = Opening(sub, skip=seen if after is None else later(seen, after))
+        return self._response(self._run_all(opening, first, after, seen), sub)
 
-    async def _run_all(self, opening: Opening, first: list[bytes]) -> AsyncIterator[bytes]:
+    async def _run_all(
+        self, opening: Opening, first: bytes, after: str | None, seen: str
+    ) -> AsyncIterator[bytes]:
+        """The replay after the client's id up to the feed's position, read from Redis a
+        chunk at a time (a failure ends the stream: the client resumes), then live events."""
         try:
-            for message in first:
-                yield message
+            yield first
+            if after is not None:
+                async with redis_errors():
+                    async for past in self.feed.replay(after, seen):
+                        yield self._message(past)
             async for event in self._events(opening):
                 yield keepalive() if event is None else self._message(event)
+        except RedisUnavailable:
+            return
         finally:
             self.feed.unsubscribe(opening.sub)
 
@@ -261,7 +247,7 @@ class Streams:
             elif id_key(event.id) > skip:
                 yield event
 
-    def _response(self, body: AsyncIterator[bytes]) -> Response:
+    def _response(self, body: AsyncIterator[bytes], sub: Subscription) -> Response:
         async def ended_with_retry() -> AsyncIterator[bytes]:
             self.open_streams += 1
             try:
@@ -271,7 +257,11 @@ class Streams:
             finally:
                 self.open_streams -= 1
 
-        return EventSourceResponse(ended_with_retry(), headers=_NO_BUFFERING)
+        stream = ended_with_retry()
+        # If the client is gone before the body starts, the generator never runs its
+        # `finally`: the subscription then goes when the generator is collected.
+        weakref.finalize(stream, self.feed.unsubscribe, sub)
+        return EventSourceResponse(stream, headers=_NO_BUFFERING)
 
     def _retry_response(self) -> Response:
         return EventSourceResponse(_once(retry_later()), headers=_NO_BUFFERING)
