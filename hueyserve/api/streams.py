@@ -112,7 +112,7 @@ class Streams:
             pipe.xrevrange(EVENTS_KEY, count=1)
             pipe.xrange(EVENTS_KEY, count=1)
             raw, newest, oldest = await pipe.execute()
-        record = {k.decode(): v.decode() for k, v in raw.items()}
+        record = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
         if not record:
             raise JobNotFound(job_id)
         top = newest[0][0].decode() if newest else seen
