@@ -28,7 +28,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m hueyserve", description=__doc__.split("\n")[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    top = argparse.ArgumentParser(prog="python -m hueyserve", description=summary)
     top.add_argument(
         "--url", default=os.environ.get("HUEYSERVE_URL", DEFAULT_URL),
         help=f"the API (env HUEYSERVE_URL; default {DEFAULT_URL})",

@@ -31,6 +31,7 @@ def follow(client: httpx.Client, job_id: str, *, timeout_s: float, quiet: bool =
     )  # fmt: skip
     deadline = time.monotonic() + timeout_s
     last_id: str | None = None
+    reached = False  # the API answered once
     with bar:
         task = bar.add_task(f"job {job_id[:8]}", total=None, status="")
         stage = None
@@ -40,6 +41,7 @@ def follow(client: httpx.Client, job_id: str, *, timeout_s: float, quiet: bool =
             url = f"/v1/jobs/{job_id}/events"
             try:
                 with client.stream("GET", url, headers=headers, timeout=_timeout(deadline)) as r:
+                    reached = True
                     if r.status_code == 204:  # ended, and we saw the end: read it whole
                         return client.get(f"/v1/jobs/{job_id}").json()
                     if r.status_code != 200:
@@ -63,8 +65,10 @@ def follow(client: httpx.Client, job_id: str, *, timeout_s: float, quiet: bool =
                         if data.get("final"):
                             console.print(f"{data['kind']} {job_id[:8]}: {data['status']}")
                             return client.get(f"/v1/jobs/{job_id}").json()
-            except httpx.TransportError:
-                pass  # the API went away: come back with the last id
+            except httpx.TransportError as exc:
+                if not reached:  # never answered: a wrong address, not a restart
+                    raise FollowError(f"cannot reach {client.base_url}: {exc}") from exc
+                # the API went away (a restart): come back with the last id
             time.sleep(pause)
     raise FollowError(f"job {job_id} did not end within {timeout_s:g}s (it goes on)")
 

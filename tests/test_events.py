@@ -240,6 +240,9 @@ def test_a_training_s_stream_shows_its_stages_and_resumes_without_gap_or_duplica
         rest = read_stream(api, url, **{"Last-Event-ID": str(full[middle].id)})
         assert [(e.id, e.data) for e in rest] == [(e.id, e.data) for e in full[middle + 1 :]]
         assert api.get(url, headers={"Last-Event-ID": str(full[-1].id)}).status_code == 204
+        # A made-up id from the future is taken as none (it would hide every event).
+        (state,) = read_stream(api, url, **{"Last-Event-ID": "99999999999999-0"})
+        assert orjson.loads(state.data)["final"] is True
 
 
 @pytest.mark.parametrize("restart", ["api", "redis"])

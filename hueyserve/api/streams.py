@@ -51,7 +51,7 @@ def sse(data: dict[str, Any] | None, *, event: str | None = None, id: str | None
 
 
 def retry_later() -> bytes:
-    why = "the stream ends here; come back with Last-Event-ID"
+    why = "the stream ends here; reconnect with Last-Event-ID (after a final event: 204)"
     return format_sse_event(retry=RETRY_MS, comment=why)
 
 
@@ -118,6 +118,8 @@ class Streams:
         top = newest[0][0].decode() if newest else seen
         ended = record.get("status") in ENDED_STATUSES
         after = last_event_id if last_event_id is not None and valid_id(last_event_id) else None
+        if after is not None and id_key(after) > id_key(top):
+            after = None  # an id the stream never had (made up): start from the state
         if after is not None and oldest and id_key(after) >= id_key(oldest[0][0].decode()):
             # Everything after the client's id is still in the stream: replay the job's part
             # (up to the end, or to the feed's position: the queue holds what is later).
@@ -182,16 +184,24 @@ class Streams:
         sub = self.feed.subscribe(None)
         try:
             seen = await self._position()
-            async with redis_errors():
-                oldest = await self.feed.oldest_id() if after is not None else None
+            oldest = newest = None
+            if after is not None:
+                async with redis_errors():
+                    oldest, newest = await self.feed.oldest_id(), await self.feed.newest_id()
         except BaseException as exc:
             self.feed.unsubscribe(sub)
             if isinstance(exc, RedisUnavailable):
                 return self._retry_response()
             raise
+        if after is not None and id_key(after) > id_key(newest or seen):
+            after = None  # an id the stream never had (made up): from now on
         if after is None:
             # Nothing to replay; the id alone (no data) tells the client where it stands.
             first = format_sse_event(id=seen)
+        elif id_key(after) > id_key(seen):
+            # Ahead of everything this process has read: another API process's newest, or
+            # made up. Live from here; what it has seen is never sent twice.
+            first = b""
         elif oldest is None or id_key(after) < id_key(oldest):
             why = "the events after the id given were trimmed away: read the state again"
             first, after = sse({"type": "reset", "reason": why}, event="reset", id=seen), None
