@@ -77,8 +77,33 @@ def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
     stop); a third comes up. Every job ends done, none stuck, no lease left."""
     consumers = [faults.add_consumer(), faults.add_consumer()]
     wait_for(faults.ready, "the stack to be ready", timeout_s=60)
-    conn = faults.conn()
-    client = httpx.Client(base_url=faults.base, timeout=10)
+    with httpx.Client(base_url=faults.base, timeout=10) as client, faults.conn() as conn:
+        killed_at, in_flight, job_ids, train_id = _kill_then_stop(faults, consumers, client, conn)
+        jobs = settle(faults.base, [*job_ids, train_id], timeout_s=120)
+        recovered_s = time.monotonic() - killed_at
+        statuses = Counter(job["status"] for job in jobs.values())
+        trained = jobs.pop(train_id)
+        print(
+            f"\n[faults] 500 jobs + a training ({in_flight} queued or running at the kill), "
+            f"SIGKILL then SIGTERM mid-training: "
+            f"{dict(statuses)}; the training ended {trained['status']} after "
+            f"{trained['attempts']} starts; all ended {recovered_s:.1f}s after the kill"
+        )
+        assert statuses == {"done": 501}
+        # Killed, stopped, then run to the end; one more start if it found the stopped
+        # worker's training lock not yet lapsed (it waits and retries, as any training would).
+        assert trained["attempts"] >= 3
+        wait_for(lambda: lease_count(conn) == 0, "every lease to be given back")
+
+
+def _kill_then_stop(
+    faults: FaultStack,
+    consumers: list[subprocess.Popen[bytes]],
+    client: httpx.Client,
+    conn: redis.Redis,
+) -> tuple[float, int, list[str], str]:
+    """Start a training and 500 jobs, SIGKILL the consumer training, SIGTERM the one that
+    trains it again, start a third: when the kill came, how many were in flight, the ids."""
 
     def training_runs(attempt: int) -> bool:
         """Training, not just started: a start that finds the training lock still held
@@ -110,25 +135,10 @@ def test_killed_and_stopped_workers_lose_no_job(faults: FaultStack) -> None:
     survivor.send_signal(signal.SIGTERM)  # immediate stop: its running tasks go back now
     assert survivor.wait(20) == 0
     # Put back at once, not after its lease lapsed (a "running" record would wait for the
-    # reaper). The stopping consumer's other threads may even have taken it once more.
+    # reaper); a thread of the stopping consumer that takes it once more puts it back unrun.
     assert conn.hget(f"hueyserve:job:{train_id}", "status") == b"queued"
     faults.add_consumer()
-    jobs = settle(faults.base, [*job_ids, train_id], timeout_s=120)
-    recovered_s = time.monotonic() - killed_at
-    client.close()
-    statuses = Counter(job["status"] for job in jobs.values())
-    trained = jobs.pop(train_id)
-    print(
-        f"\n[faults] 500 jobs + a training ({in_flight} queued or running at the kill), "
-        f"SIGKILL then SIGTERM mid-training: "
-        f"{dict(statuses)}; the training ended {trained['status']} after "
-        f"{trained['attempts']} starts; all ended {recovered_s:.1f}s after the kill"
-    )
-    assert statuses == {"done": 501}
-    # Killed, stopped, then run to the end; one more start if it found the stopped
-    # worker's training lock not yet lapsed (it waits and retries, as any training would).
-    assert trained["attempts"] >= 3
-    wait_for(lambda: lease_count(conn) == 0, "every lease to be given back")
+    return killed_at, in_flight, job_ids, train_id
 
 
 def test_jobs_accepted_while_redis_refuses_writes_are_all_done_once_it_accepts_them(

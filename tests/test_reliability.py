@@ -14,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
+from huey.exceptions import CancelExecution
 
 import core
 import main
@@ -209,6 +210,31 @@ def test_a_task_whose_worker_keeps_dying_fails_with_worker_lost(gated: Gated) ->
     later = submit(client, 23.0)  # same priority, so it would run after a requeued 22
     poll_job(client, later)
     assert 22.0 not in gate.calls and 23.0 in gate.calls
+
+
+def test_a_task_taken_as_its_consumer_stops_is_put_back_unrun(gated: Gated) -> None:
+    """SIGTERM puts a running task back; a thread of the same consumer, woken by that very
+    put-back, may take it again before the process ends. It must go back unchanged, not be
+    marked running (it would read running until its lease lapsed)."""
+    client, gate, _ = gated
+    job_id = submit(client, 24.0)
+    storage, conn = core.huey.storage, core.huey.storage.conn
+    (_, score), *_ = conn.zrange(storage.queue_key, 0, -1, withscores=True)
+    message = storage.dequeue()  # this thread takes it, as a worker thread would...
+    assert message is not None and conn.zcard(storage.queue_key) == 0
+    task = core.huey.deserialize_task(message)
+    storage.stopping = True  # ...as the consumer's stop begins
+    try:
+        with pytest.raises(CancelExecution):
+            core.worker.lifecycle.start_jobs(task)
+    finally:
+        storage.stopping = False
+    assert conn.zrange(storage.queue_key, 0, -1, withscores=True)[0][1] == score  # its place
+    assert conn.zcard(storage.leases_key) == 1  # only the blocker's lease
+    record = client.get(f"/v1/jobs/{job_id}").json()
+    assert record["status"] == "queued" and record["attempts"] == 0
+    gate.release.set()
+    assert poll_job(client, job_id)["status"] == "done" and 24.0 in gate.calls
 
 
 def test_running_tasks_hold_renewed_leases(gated: Gated) -> None:

@@ -101,6 +101,8 @@ class LeasingStorage(PriorityRedisExpireStorage):  # type: ignore[misc]
             entry = self._take_one(previous)
             if entry is None:
                 self.conn.blpop([self.doorbell_key], timeout=self.read_timeout)
+                if self.stopping:  # the doorbell may be a task this consumer just put back
+                    return None
                 entry = self._take_one()
         except BaseException as exc:
             if previous is not None:  # still ours to give back later

@@ -14,7 +14,7 @@ requests (`wire.members`); every job gets its own record, result and wake-up.
 | ERROR/TIMEOUT, will retry | queued + reason       | goes (4)     | - (Huey retries) | -          |
 | REVOKED / CANCELED        | (the API wrote it)    | may go       | -                | -          |
 | EXPIRED                   | expired               | may go       | -                | jobs       |
-| INTERRUPTED (SIGTERM)     | queued + reason       | put back now | -                | -          |
+| INTERRUPTED (SIGTERM) (6) | queued + reason       | put back now | -                | -          |
 | lease lapsed (3)          | queued, lost +1       | put back     | -                | -          |
 | lapsed, last attempt (3)  | failed `worker_lost`  | dropped      | Error; woken     | jobs       |
 
@@ -26,6 +26,8 @@ requests (`wire.members`); every job gets its own record, result and wake-up.
     lease lapses and the reaper queues the task again.
 (5) if the records cannot be written (Redis failed), the task is not run and its lease is
     kept, to lapse and be reaped (Huey itself would log the hook's error and run the task).
+(6) a task taken while the consumer stops (a thread woken by the doorbell of a task just
+    put back) is put back unchanged before it starts, not marked running.
 
 The module is over 300 lines on purpose: every hook the job states depend on, in one class
 that the table above describes.
@@ -117,6 +119,11 @@ class JobLifecycle:
         """Mark the task's jobs running, atomically with DELETE /v1/jobs/{id}: a job cancelled
         after Huey's own revoke check is still not run."""
         self.storage.bind(task.id)  # its lease, renewed while it runs
+        if self.storage.stopping:  # taken as SIGTERM came: it is for the other consumers
+            entry = self.storage.take_back(task.id)
+            if entry is not None:
+                self.storage.put_back(entry, task.priority or 0)
+            raise CancelExecution(retry=False)
         if not tracked(task):
             return
         try:
