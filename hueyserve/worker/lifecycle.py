@@ -120,9 +120,7 @@ class JobLifecycle:
         after Huey's own revoke check is still not run."""
         self.storage.bind(task.id)  # its lease, renewed while it runs
         if self.storage.stopping:  # taken as SIGTERM came: it is for the other consumers
-            entry = self.storage.take_back(task.id)
-            if entry is not None:
-                self.storage.put_back(entry, task.priority or 0)
+            self._put_back_unrun(task)
             raise CancelExecution(retry=False)
         if not tracked(task):
             return
@@ -141,6 +139,21 @@ class JobLifecycle:
             raise CancelExecution()
         for seconds in waited:
             metrics.JOB_QUEUE_SECONDS.labels(task.name).observe(seconds)
+
+    def _put_back_unrun(self, task: Task) -> None:
+        """Queue a task this stopping consumer took but will not run, in its old place. If
+        Redis fails, its lease (no longer renewed) lapses and a reaper queues it; the error must
+        not escape, or Huey would log it and run the task anyway."""
+        entry = self.storage.take_back(task.id)
+        try:
+            if entry is not None:
+                self.storage.put_back(entry, task.priority or 0)
+        except Exception as exc:
+            logger.warning(
+                "task %s not put back as its worker stops (%s); its lease lapses",
+                task.id,
+                reason(exc),
+            )
 
     def task_started(self, task: Task) -> None:
         self._started[task.id] = time.perf_counter()
